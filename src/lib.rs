@@ -1,0 +1,81 @@
+//! wsbeat: a WebSocket reverse proxy that adds heartbeats, dead-peer detection and
+//! liveness metrics to backends that have none.
+//!
+//! Modules, one job each:
+//! - [`config`]: the YAML configuration, its defaults and validation, resolved routes.
+//! - [`server`]: the public listener, client handshake checks, routing.
+//! - [`upstream`]: the upstream leg's handshake with the forwarded headers.
+//! - [`relay`]: the per-connection loop that holds both sockets.
+//! - [`heartbeat`]: the heartbeat and liveness state machine (pure, no I/O).
+//! - [`shutdown`]: signals and the drain with a deadline.
+//! - [`demo`]: the embedded echo backend behind `wsbeat demo`.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod demo;
+pub mod heartbeat;
+pub mod relay;
+pub mod server;
+pub mod shutdown;
+pub mod upstream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+
+/// Errors that stop wsbeat from running.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Binds the configured listener and serves until `shutdown` resolves, then drains.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let listener = bind(config.listen).await?;
+    serve(Arc::new(config), listener, shutdown).await;
+    Ok(())
+}
+
+/// Binds a TCP listener, naming the address on failure.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })
+}
+
+/// Serves on an already bound listener until `shutdown` resolves; then stops accepting,
+/// closes every WebSocket with 1001 on both legs and waits for them at most
+/// `shutdown.drain_timeout`.
+pub async fn serve(config: Arc<Config>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "listening");
+    }
+    let token = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let drain_timeout = config.shutdown.drain_timeout.0;
+    let proxy = Arc::new(server::Proxy::new(config, token.clone(), tracker.clone()));
+    tokio::select! {
+        _ = proxy.serve(listener) => {}
+        _ = shutdown => {}
+    }
+    // The listener is dropped here: no new connections.
+    tracing::info!(connections = tracker.len(), "draining");
+    if shutdown::drain(&token, &tracker, drain_timeout).await {
+        tracing::info!("drained: exiting");
+    } else {
+        tracing::warn!(
+            remaining = tracker.len(),
+            "drain timeout reached: exiting anyway"
+        );
+    }
+}

@@ -1,0 +1,117 @@
+//! The `wsbeat` binary: command line, logging, configuration (exit 64 when it is bad),
+//! then the library's `run`.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use wsbeat::config::{Config, ConfigError, UpstreamUrl};
+
+/// Exit code for a configuration error (EX_USAGE in sysexits.h).
+const EXIT_CONFIG: u8 = 64;
+
+/// A WebSocket reverse proxy that adds heartbeats and dead-peer detection.
+#[derive(Parser)]
+#[command(name = "wsbeat", version, about)]
+struct Cli {
+    /// Configuration file (YAML).
+    #[arg(long, global = true, env = "WSBEAT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Public listener address; overrides `listen`.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Upstream URL (ws://host:port); overrides `upstream.url`.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// Admin listener address, or `off`; overrides `admin.listen`.
+    #[arg(long)]
+    admin_listen: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the configuration and print the effective config as YAML.
+    Check,
+    /// Run an echo backend with wsbeat in front of it, for a first look.
+    Demo {
+        /// Where the demo proxy listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+}
+
+fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
+    let mut config = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = cli.listen {
+        config.listen = listen;
+    }
+    if let Some(url) = &cli.upstream {
+        config.upstream.url =
+            url.parse::<UpstreamUrl>()
+                .map_err(|reason| ConfigError::Invalid {
+                    key: "--upstream".into(),
+                    reason,
+                })?;
+    }
+    if let Some(admin) = &cli.admin_listen {
+        config.admin.listen = match admin.as_str() {
+            "off" => None,
+            addr => Some(addr.parse().map_err(|e| ConfigError::Invalid {
+                key: "--admin-listen".into(),
+                reason: format!("`{addr}` is not an address or `off` ({e})"),
+            })?),
+        };
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+
+    let result = match &cli.command {
+        Some(Command::Demo { listen }) => {
+            wsbeat::demo::run(*listen, wsbeat::shutdown::signal()).await
+        }
+        Some(Command::Check) => {
+            return match load_config(&cli) {
+                Ok(config) => {
+                    print!("{}", config.to_yaml());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => config_error(e),
+            }
+        }
+        None => match load_config(&cli) {
+            Ok(config) => wsbeat::run(config, wsbeat::shutdown::signal()).await,
+            Err(e) => return config_error(e),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wsbeat: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config_error(e: ConfigError) -> ExitCode {
+    eprintln!("wsbeat: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}

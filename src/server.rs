@@ -1,0 +1,385 @@
+//! The public listener: accept loop, HTTP/1.1 with upgrades, routing, the client
+//! handshake checks, and the hand-over of both legs to a relay task.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Route, Routes};
+use crate::relay::{self, RelayContext};
+use crate::upstream::{self, header_tokens, ClientInfo, Dialed};
+
+/// Response body type for everything the public listener answers.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Longest request head accepted; larger ones get 431.
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
+/// tungstenite reads in chunks of this size; its default (128 KiB, zero-filled, never
+/// shrunk) would dominate the memory of an idle connection.
+const READ_BUFFER_SIZE: usize = 4 * 1024;
+/// Pause after a failed accept (e.g. out of file descriptors) before trying again, so
+/// the loop does not spin while the condition lasts.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Everything the public listener shares between connections.
+pub struct Proxy {
+    pub config: Arc<Config>,
+    routes: Routes,
+    ws_config: WebSocketConfig,
+    /// One permit per proxied WebSocket: `limits.max_connections`.
+    connections: Arc<Semaphore>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    next_id: AtomicU64,
+}
+
+impl Proxy {
+    pub fn new(config: Arc<Config>, shutdown: CancellationToken, tracker: TaskTracker) -> Self {
+        let max = config.limits.max_message_size.0 as usize;
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER_SIZE)
+            .write_buffer_size(0)
+            // One message in flight plus control frames: see relay::Leg.
+            .max_write_buffer_size(max.saturating_mul(2).saturating_add(64 * 1024))
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max));
+        Proxy {
+            routes: config.routes(),
+            connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+            config,
+            ws_config,
+            shutdown,
+            tracker,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Accepts connections until the shutdown token fires.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, addr)) => {
+                    let proxy = self.clone();
+                    self.tracker
+                        .spawn(async move { proxy.serve_connection(stream, addr).await });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                }
+            }
+        }
+    }
+
+    async fn serve_connection(self: Arc<Self>, stream: TcpStream, addr: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let info = ClientInfo { addr, tls: false };
+        let proxy = self.clone();
+        let service = service_fn(move |req| proxy.clone().handle(req, info));
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.config.limits.handshake_timeout.0)
+            .max_buf_size(MAX_REQUEST_HEAD)
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = self.shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(client = %addr, error = %e, "client connection ended with an error");
+        }
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        info: ClientInfo,
+    ) -> Result<Response<Body>, Infallible> {
+        if !is_upgrade_request(req.headers()) {
+            return Ok(text(
+                StatusCode::NOT_IMPLEMENTED,
+                "wsbeat: only WebSocket upgrades are proxied (plain HTTP pass-through is not implemented yet)",
+            ));
+        }
+        if let Err(rejection) = check_handshake(&req) {
+            return Ok(rejection);
+        }
+        let route = self.routes.resolve(req.uri().path()).clone();
+        let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+            tracing::warn!(client = %info.addr, "max_connections reached: refusing a WebSocket");
+            return Ok(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "wsbeat: too many connections",
+            ));
+        };
+        Ok(self.proxy_websocket(req, info, route, permit).await)
+    }
+
+    async fn proxy_websocket(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        info: ClientInfo,
+        route: Arc<Route>,
+        permit: OwnedSemaphorePermit,
+    ) -> Response<Body> {
+        let client_upgrade = hyper::upgrade::on(&mut req);
+        let (parts, _body) = req.into_parts();
+        let dialed = upstream::dial(&route.upstream, &parts, info, self.ws_config).await;
+        let (upstream_socket, protocol, upstream_headers) = match dialed {
+            Ok(Dialed::Accepted {
+                socket,
+                protocol,
+                headers,
+                ..
+            }) => (socket, protocol, headers),
+            Ok(Dialed::Refused(response)) => {
+                tracing::debug!(route = %route.name, status = %response.status(), "upstream refused the WebSocket");
+                return refused(response);
+            }
+            Err(e) => {
+                let (status, _reason) = e.status_and_reason();
+                tracing::warn!(route = %route.name, error = %e, "upstream handshake failed");
+                return text(status, &format!("wsbeat: {e}"));
+            }
+        };
+
+        let Some(key) = parts.headers.get(header::SEC_WEBSOCKET_KEY) else {
+            return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
+        };
+        let mut response = Response::new(empty());
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        *response.headers_mut() = upstream_headers;
+        let h = response.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+        }
+        if let Some(p) = protocol {
+            h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
+        }
+
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let proxy = self.clone();
+        self.tracker.spawn(async move {
+            let _permit = permit;
+            let client_io = match client_upgrade.await {
+                Ok(io) => io,
+                Err(e) => {
+                    tracing::debug!(id, error = %e, "client upgrade failed");
+                    return;
+                }
+            };
+            let client = WebSocketStream::from_raw_socket(
+                TokioIo::new(client_io),
+                Role::Server,
+                Some(proxy.ws_config),
+            )
+            .await;
+            let started = tokio::time::Instant::now();
+            let ctx = RelayContext {
+                route: route.clone(),
+                write_timeout: proxy.config.limits.write_timeout.0,
+                shutdown: proxy.shutdown.clone(),
+                started,
+            };
+            let summary = relay::run(client, *upstream_socket, ctx).await;
+            tracing::info!(
+                id,
+                client = %info.addr,
+                route = %route.name,
+                duration_s = started.elapsed().as_secs_f64(),
+                outcome = %summary.outcome,
+                client_close = ?summary.client_close_code,
+                upstream_close = ?summary.upstream_close_code,
+                heartbeats_sent = summary.stats.heartbeats_sent,
+                last_rtt_ms = ?summary.stats.last_pong_rtt.map(|d| d.as_secs_f64() * 1e3),
+                "websocket closed"
+            );
+        });
+        response
+    }
+}
+
+/// True when the request asks for a WebSocket (`Upgrade: websocket`).
+fn is_upgrade_request(headers: &HeaderMap) -> bool {
+    header_tokens(headers, &header::UPGRADE).any(|t| t.eq_ignore_ascii_case("websocket"))
+}
+
+/// RFC 6455 §4.2.1: the opening handshake's requirements. Returns the response for a
+/// request that does not meet them: 400 with a one-line reason, or 426 for a version
+/// other than 13.
+#[allow(clippy::result_large_err)]
+fn check_handshake<B>(req: &Request<B>) -> Result<(), Response<Body>> {
+    let headers = req.headers();
+    let bad = |reason: &str| Err(text(StatusCode::BAD_REQUEST, reason));
+    if req.method() != Method::GET {
+        return bad("a WebSocket handshake must be a GET request");
+    }
+    if req.version() != Version::HTTP_11 {
+        return bad("a WebSocket handshake must use HTTP/1.1");
+    }
+    if !header_tokens(headers, &header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade")) {
+        return bad("a WebSocket handshake needs `Connection: Upgrade`");
+    }
+    let version_ok = headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v.as_bytes() == b"13");
+    if !version_ok {
+        let mut r = text(
+            StatusCode::UPGRADE_REQUIRED,
+            "wsbeat speaks WebSocket version 13 only",
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return Err(r);
+    }
+    match headers.get(header::SEC_WEBSOCKET_KEY) {
+        Some(key) if is_valid_key(key.as_bytes()) => Ok(()),
+        Some(_) => bad("Sec-WebSocket-Key must be 16 bytes in base64"),
+        None => bad("a WebSocket handshake needs Sec-WebSocket-Key"),
+    }
+}
+
+/// A base64 encoding of exactly 16 bytes: 22 alphabet characters, the last of which
+/// carries only 2 bits, then `==`.
+fn is_valid_key(key: &[u8]) -> bool {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    if key.len() != 24 || &key[22..] != b"==" {
+        return false;
+    }
+    let Some(last) = ALPHABET.iter().position(|&c| c == key[21]) else {
+        return false;
+    };
+    last & 0x0f == 0 && key[..21].iter().all(|c| ALPHABET.contains(c))
+}
+
+/// Passes the upstream's refusal on: its status, end-to-end headers and body.
+fn refused(response: Response<Incoming>) -> Response<Body> {
+    let (parts, body) = response.into_parts();
+    let mut out = Response::new(body.boxed());
+    *out.status_mut() = parts.status;
+    upstream::copy_end_to_end(&parts.headers, out.headers_mut());
+    out
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A short plain-text response; the body is one line.
+pub fn text(status: StatusCode, line: &str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{line}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().uri("/ws");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    const GOOD: &[(&str, &str)] = &[
+        ("connection", "keep-alive, Upgrade"),
+        ("upgrade", "websocket"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+
+    #[test]
+    fn a_valid_handshake_passes() {
+        assert!(check_handshake(&request(GOOD)).is_ok());
+    }
+
+    #[test]
+    fn invalid_handshakes_get_400_or_426() {
+        let with = |name: &str, value: Option<&str>| {
+            let mut h: Vec<(&str, &str)> =
+                GOOD.iter().copied().filter(|(k, _)| *k != name).collect();
+            if let Some(v) = value {
+                h.push((name, v));
+            }
+            check_handshake(&request(&h)).unwrap_err().status()
+        };
+        assert_eq!(
+            with("connection", Some("keep-alive")),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(with("sec-websocket-key", None), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            with("sec-websocket-key", Some("short")),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            with("sec-websocket-version", Some("8")),
+            StatusCode::UPGRADE_REQUIRED
+        );
+        assert_eq!(
+            with("sec-websocket-version", None),
+            StatusCode::UPGRADE_REQUIRED
+        );
+        let mut post = request(GOOD);
+        *post.method_mut() = Method::POST;
+        assert_eq!(
+            check_handshake(&post).unwrap_err().status(),
+            StatusCode::BAD_REQUEST
+        );
+    }
+
+    #[test]
+    fn keys_must_be_16_bytes_of_base64() {
+        assert!(is_valid_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(
+            !is_valid_key(b"dGhlIHNhbXBsZSBub25jZR=="),
+            "non-canonical last char"
+        );
+        assert!(!is_valid_key(b"dGhlIHNhbXBsZSBub25j*Q=="));
+        assert!(!is_valid_key(b"dGhlIHNhbXBsZSBub25jZQ="));
+    }
+}

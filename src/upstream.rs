@@ -1,0 +1,352 @@
+//! The upstream leg's handshake: dial the route's upstream, forward the client's request
+//! with the end-to-end and `X-Forwarded-*` headers, and check the 101 it answers.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::upgrade::Upgraded;
+use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::handshake::client::generate_key;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::config::UpstreamConfig;
+
+/// The upstream leg once its handshake is done.
+pub type UpstreamSocket = WebSocketStream<TokioIo<Upgraded>>;
+
+/// Why the upstream leg could not be opened; the variant decides the client's status.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// Connect and handshake took longer than `connect_timeout` (client gets 504).
+    #[error("upstream {0} did not complete the handshake within the connect timeout")]
+    Timeout(String),
+    /// TCP connect failed (client gets 502).
+    #[error("cannot connect to upstream {upstream}: {source}")]
+    Connect {
+        upstream: String,
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed (client gets 502).
+    #[error("upstream {upstream} handshake failed: {source}")]
+    Http {
+        upstream: String,
+        source: hyper::Error,
+    },
+    /// The upstream answered 101 but broke the WebSocket handshake rules (client gets 502).
+    #[error("upstream {upstream} sent an invalid WebSocket handshake: {reason}")]
+    Invalid {
+        upstream: String,
+        reason: &'static str,
+    },
+}
+
+impl DialError {
+    /// The status the client gets, and the `reason` label of the upstream error counter.
+    pub fn status_and_reason(&self) -> (StatusCode, &'static str) {
+        match self {
+            DialError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            DialError::Connect { .. } => (StatusCode::BAD_GATEWAY, "connect"),
+            DialError::Http { .. } => (StatusCode::BAD_GATEWAY, "handshake"),
+            DialError::Invalid { .. } => (StatusCode::BAD_GATEWAY, "handshake"),
+        }
+    }
+}
+
+/// What the upstream answered.
+pub enum Dialed {
+    /// 101: the upstream leg is open.
+    Accepted {
+        socket: Box<UpstreamSocket>,
+        /// The subprotocol the upstream chose, for the client's 101.
+        protocol: Option<HeaderValue>,
+        /// The 101's other end-to-end headers (e.g. `Set-Cookie`), for the client's 101.
+        headers: HeaderMap,
+        /// Time from starting to dial to the upstream's 101.
+        connect_time: std::time::Duration,
+    },
+    /// Anything else (403, 404, …): passed to the client as it is, body streamed.
+    Refused(Response<Incoming>),
+}
+
+/// The client's side of the connection, for `X-Forwarded-*`.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientInfo {
+    pub addr: SocketAddr,
+    /// True when the client reached wsbeat over TLS.
+    pub tls: bool,
+}
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus the WebSocket
+/// handshake headers that each leg negotiates for itself.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "sec-websocket-key",
+    "sec-websocket-accept",
+    "sec-websocket-version",
+    "sec-websocket-extensions",
+    "sec-websocket-protocol",
+];
+
+/// Copies the end-to-end headers: everything but hop-by-hop ones and those the
+/// `Connection` header names.
+pub fn copy_end_to_end(from: &HeaderMap, to: &mut HeaderMap) {
+    let named_in_connection: Vec<String> = from
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
+    for (name, value) in from {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n) || named_in_connection.iter().any(|c| c == n) {
+            continue;
+        }
+        to.append(name.clone(), value.clone());
+    }
+}
+
+/// Tokens of a comma-separated header, e.g. the subprotocols a client offers.
+pub fn header_tokens<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+) -> impl Iterator<Item = &'a str> {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Builds the upstream handshake request from the client's request head.
+fn upstream_request(
+    client: &Parts,
+    info: ClientInfo,
+    upstream: &UpstreamConfig,
+    key: &str,
+) -> Request<http_body_util::Empty<bytes::Bytes>> {
+    let mut req = Request::new(http_body_util::Empty::new());
+    *req.method_mut() = Method::GET;
+    *req.version_mut() = Version::HTTP_11;
+    // Origin-form only: an absolute-form target never chooses where wsbeat connects.
+    let target = client
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/");
+    *req.uri_mut() = target
+        .parse()
+        .unwrap_or_else(|_| hyper::Uri::from_static("/"));
+
+    let headers = req.headers_mut();
+    copy_end_to_end(&client.headers, headers);
+    headers.remove(header::CONTENT_LENGTH);
+    let offered: Vec<&str> =
+        header_tokens(&client.headers, &header::SEC_WEBSOCKET_PROTOCOL).collect();
+    if !offered.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&offered.join(", ")) {
+            headers.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+        }
+    }
+    let original_host = client.headers.get(header::HOST).cloned();
+    if original_host.is_none() {
+        if let Ok(v) = HeaderValue::from_str(&upstream.url.authority()) {
+            headers.insert(header::HOST, v);
+        }
+    }
+    // X-Forwarded-For: the client's own list, then the address we saw.
+    let ip = info.addr.ip().to_string();
+    let xff = match header_tokens(&client.headers, &HeaderName::from_static("x-forwarded-for"))
+        .collect::<Vec<_>>()
+    {
+        prior if prior.is_empty() => ip,
+        prior => format!("{}, {ip}", prior.join(", ")),
+    };
+    headers.remove("x-forwarded-for");
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if info.tls { "https" } else { "http" }),
+    );
+    if let Some(host) = original_host {
+        headers.insert("x-forwarded-host", host);
+    }
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(
+        header::SEC_WEBSOCKET_VERSION,
+        HeaderValue::from_static("13"),
+    );
+    if let Ok(v) = HeaderValue::from_str(key) {
+        headers.insert(header::SEC_WEBSOCKET_KEY, v);
+    }
+    req
+}
+
+/// Dials the upstream and performs the WebSocket handshake, all within
+/// `upstream.connect_timeout`.
+pub async fn dial(
+    upstream: &UpstreamConfig,
+    client: &Parts,
+    info: ClientInfo,
+    ws_config: WebSocketConfig,
+) -> Result<Dialed, DialError> {
+    let name = upstream.url.to_string();
+    let started = Instant::now();
+    match tokio::time::timeout(
+        upstream.connect_timeout.0,
+        handshake(upstream, client, info, ws_config, &name, started),
+    )
+    .await
+    {
+        Ok(result) => result,
+        Err(_) => Err(DialError::Timeout(name)),
+    }
+}
+
+async fn handshake(
+    upstream: &UpstreamConfig,
+    client: &Parts,
+    info: ClientInfo,
+    ws_config: WebSocketConfig,
+    name: &str,
+    started: Instant,
+) -> Result<Dialed, DialError> {
+    let tcp = TcpStream::connect((upstream.url.host.as_str(), upstream.url.port))
+        .await
+        .map_err(|source| DialError::Connect {
+            upstream: name.to_owned(),
+            source,
+        })?;
+    // Small frames (heartbeats, chat messages) must not wait for Nagle.
+    let _ = tcp.set_nodelay(true);
+    let http_err = |source| DialError::Http {
+        upstream: name.to_owned(),
+        source,
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(http_err)?;
+    // The connection task ends when the upgrade completes or the refusal's body is read.
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream handshake connection ended with an error");
+        }
+    });
+
+    let key = generate_key();
+    let request = upstream_request(client, info, upstream, &key);
+    let mut response = sender.send_request(request).await.map_err(http_err)?;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(Dialed::Refused(response));
+    }
+    let invalid = |reason| DialError::Invalid {
+        upstream: name.to_owned(),
+        reason,
+    };
+    let headers = response.headers();
+    let accept_ok = headers
+        .get(header::SEC_WEBSOCKET_ACCEPT)
+        .is_some_and(|v| v.as_bytes() == derive_accept_key(key.as_bytes()).as_bytes());
+    if !accept_ok {
+        return Err(invalid("wrong or missing Sec-WebSocket-Accept"));
+    }
+    if !header_tokens(headers, &header::UPGRADE).any(|t| t.eq_ignore_ascii_case("websocket")) {
+        return Err(invalid("101 without Upgrade: websocket"));
+    }
+    if headers.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
+        return Err(invalid("an extension that was not offered"));
+    }
+    let protocol = headers.get(header::SEC_WEBSOCKET_PROTOCOL).cloned();
+    if let Some(chosen) = &protocol {
+        let offered = header_tokens(&client.headers, &header::SEC_WEBSOCKET_PROTOCOL)
+            .any(|t| chosen.as_bytes() == t.as_bytes());
+        if !offered {
+            return Err(invalid("a subprotocol the client did not offer"));
+        }
+    }
+    let mut forwarded = HeaderMap::new();
+    copy_end_to_end(headers, &mut forwarded);
+    let upgraded = hyper::upgrade::on(&mut response).await.map_err(http_err)?;
+    let socket =
+        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, Some(ws_config))
+            .await;
+    Ok(Dialed::Accepted {
+        socket: Box::new(socket),
+        protocol,
+        headers: forwarded,
+        connect_time: started.elapsed(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(headers: &[(&str, &str)], uri: &str) -> Parts {
+        let mut b = Request::builder().uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn forwards_end_to_end_headers_and_drops_hop_by_hop_ones() {
+        let client = parts(
+            &[
+                ("host", "app.example"),
+                ("connection", "Upgrade, X-Secret"),
+                ("x-secret", "hop"),
+                ("keep-alive", "timeout=5"),
+                ("cookie", "a=1"),
+                ("authorization", "Bearer t"),
+                ("origin", "https://app.example"),
+                ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                ("sec-websocket-extensions", "permessage-deflate"),
+                ("sec-websocket-protocol", "chat, superchat"),
+                ("x-forwarded-for", "203.0.113.9"),
+            ],
+            "http://evil.example/ws/chat?room=1",
+        );
+        let info = ClientInfo {
+            addr: "192.0.2.7:5555".parse().unwrap(),
+            tls: false,
+        };
+        let req = upstream_request(&client, info, &UpstreamConfig::default(), "k");
+        let h = req.headers();
+        assert_eq!(req.uri(), "/ws/chat?room=1");
+        assert_eq!(h["host"], "app.example");
+        assert_eq!(h["cookie"], "a=1");
+        assert_eq!(h["authorization"], "Bearer t");
+        assert_eq!(h["origin"], "https://app.example");
+        assert_eq!(h["sec-websocket-protocol"], "chat, superchat");
+        assert_eq!(h["sec-websocket-key"], "k");
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 192.0.2.7");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "app.example");
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get("sec-websocket-extensions").is_none());
+        assert_eq!(h.get_all("connection").iter().count(), 1);
+    }
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::server::conn::http1;
@@ -30,6 +30,8 @@ use crate::upstream::{self, header_tokens, ClientInfo, Dialed};
 /// Response body type for everything the public listener answers.
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
+/// Largest upstream refusal body passed to the client.
+const MAX_REFUSAL_BODY: usize = 64 * 1024;
 /// Longest request head accepted; larger ones get 431.
 const MAX_REQUEST_HEAD: usize = 64 * 1024;
 /// tungstenite reads in chunks of this size; its default (128 KiB, zero-filled, never
@@ -161,7 +163,7 @@ impl Proxy {
             }) => (socket, protocol, headers),
             Ok(Dialed::Refused(response)) => {
                 tracing::debug!(route = %route.name, status = %response.status(), "upstream refused the WebSocket");
-                return refused(response);
+                return refused(response, route.upstream.connect_timeout.0).await;
             }
             Err(e) => {
                 let (status, _reason) = e.status_and_reason();
@@ -283,12 +285,27 @@ fn is_valid_key(key: &[u8]) -> bool {
     last & 0x0f == 0 && key[..21].iter().all(|c| ALPHABET.contains(c))
 }
 
-/// Passes the upstream's refusal on: its status, end-to-end headers and body.
-fn refused(response: Response<Incoming>) -> Response<Body> {
+/// Passes the upstream's refusal on: its status, end-to-end headers and body. The body
+/// is read whole (it is small: an error page) so that the client gets a
+/// `Content-Length`, which simple WebSocket clients need to show it.
+async fn refused(response: Response<Incoming>, patience: Duration) -> Response<Body> {
     let (parts, body) = response.into_parts();
-    let mut out = Response::new(body.boxed());
+    let collected =
+        tokio::time::timeout(patience, Limited::new(body, MAX_REFUSAL_BODY).collect()).await;
+    let Ok(Ok(body)) = collected else {
+        return text(
+            StatusCode::BAD_GATEWAY,
+            "wsbeat: the upstream refused the WebSocket with an unreadable or oversized body",
+        );
+    };
+    let mut out = Response::new(
+        Full::new(body.to_bytes())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *out.status_mut() = parts.status;
     upstream::copy_end_to_end(&parts.headers, out.headers_mut());
+    out.headers_mut().remove(header::CONTENT_LENGTH);
     out
 }
 

@@ -1,0 +1,312 @@
+//! The binary as a user runs it: configuration errors, `check`, `demo`, signals, and a
+//! client written by somebody else (Python `websockets`).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use wsbeat::config::Config;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsbeat");
+
+fn write_config(text: &str) -> tempfile_path::TempPath {
+    tempfile_path::TempPath::with(text)
+}
+
+/// A file under the target directory, removed when dropped.
+mod tempfile_path {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    pub struct TempPath(pub PathBuf);
+    static N: AtomicUsize = AtomicUsize::new(0);
+
+    impl TempPath {
+        pub fn with(text: &str) -> TempPath {
+            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+            let name = format!(
+                "cli-{}-{}.yaml",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            );
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            TempPath(path)
+        }
+    }
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+#[test]
+fn unknown_config_key_exits_64_naming_the_key() {
+    let file = write_config("upstream:\n  url: ws://127.0.0.1:9\nheartbeat:\n  intervall: 4s\n");
+    let out = Command::new(BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(&file.0)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("heartbeat.intervall"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one clear message: {err}");
+}
+
+#[test]
+fn bad_values_and_missing_files_exit_64() {
+    for (yaml, needle) in [
+        ("heartbeat:\n  interval: often\n", "heartbeat.interval"),
+        ("upstream:\n  url: http://x:1\n", "upstream.url"),
+        (
+            "limits:\n  max_message_size: 16MB\n",
+            "limits.max_message_size",
+        ),
+    ] {
+        let file = write_config(yaml);
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(&file.0)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{yaml}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{yaml}: {err}");
+    }
+    let out = Command::new(BIN)
+        .args(["--config", "/nonexistent/wsbeat.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/wsbeat.yaml"));
+    let out = Command::new(BIN)
+        .args(["--upstream", "tcp://x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--upstream"));
+}
+
+#[test]
+fn config_from_the_environment_variable() {
+    let file = write_config("heartbeat:\n  bogus: 1\n");
+    let out = Command::new(BIN)
+        .arg("check")
+        .env("WSBEAT_CONFIG", &file.0)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bogus"));
+}
+
+#[test]
+fn check_prints_the_effective_config() {
+    let file = write_config("upstream:\n  url: ws://10.0.0.5:8000\nheartbeat:\n  interval: 2s\n");
+    let out = Command::new(BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(&file.0)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    let effective = Config::from_yaml(&yaml, "check output").unwrap();
+    assert_eq!(effective.upstream.url.to_string(), "ws://10.0.0.5:8000");
+    assert_eq!(effective.heartbeat.interval, ms(2000));
+    assert_eq!(effective.liveness, Config::default().liveness);
+}
+
+#[test]
+fn the_example_config_is_valid_and_states_the_defaults() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/wsbeat.yaml");
+    let example = Config::load(std::path::Path::new(path)).unwrap();
+    assert_eq!(
+        example,
+        Config::default(),
+        "config/wsbeat.yaml must state every default"
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config", path])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A running `wsbeat` process; killed when dropped.
+struct Running {
+    child: Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the binary on port 0 and reads its log until it says where it listens.
+fn spawn(args: &[&str]) -> Running {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "wsbeat exited before listening"
+        );
+        if let Some(rest) = line.split("addr=").nth(1) {
+            if line.contains("listening") {
+                break rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        }
+    };
+    // Keep draining the log so the process never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    Running { child, addr }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn sigterm_closes_websockets_with_1001_and_exits() {
+    let mut backend = Backend::echo().await;
+    let upstream = format!("ws://{}", backend.addr);
+    let mut running = spawn(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream,
+        "--admin-listen",
+        "off",
+    ]);
+    let mut client = connect(&format!("ws://{}/", running.addr)).await;
+    echo_roundtrip(&mut client, Message::text("before the signal")).await;
+    signal(&running.child, "TERM");
+    let frame = recv_close(&mut client).await.expect("close frame");
+    assert_eq!(frame.code, CloseCode::Away);
+    loop {
+        match backend.next_after_handshake().await {
+            Seen::Closed { frame: Some(f), .. } => {
+                assert_eq!(f.code, CloseCode::Away);
+                break;
+            }
+            Seen::Message { .. } => continue,
+            other => panic!("{other:?}"),
+        }
+    }
+    drop(client);
+    let status = tokio::task::spawn_blocking(move || running.child.wait().unwrap());
+    let status = tokio::time::timeout(PATIENCE, status)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn python_websockets_client_through_wsbeat() {
+    let mut backend = Backend::echo().await;
+    let upstream = format!("ws://{}", backend.addr);
+    // A short heartbeat interval, from a config file.
+    let file = write_config(&format!(
+        "listen: 127.0.0.1:0\nadmin: {{ listen: null }}\nupstream: {{ url: \"{upstream}\" }}\nheartbeat: {{ interval: 200ms }}\n"
+    ));
+    let running = spawn(&["--config", file.0.to_str().unwrap()]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/client.py");
+    let url = format!("ws://{}/py", running.addr);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .args([script, &url, "--heartbeat--"])
+            .output()
+    });
+    let out = tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("python3 runs (CI installs `websockets`)");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("OK"),
+        "python client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The backend saw the data and the close code, never the heartbeat.
+    let mut seen = Vec::new();
+    loop {
+        match backend.next_after_handshake().await {
+            Seen::Message { msg, .. } => seen.push(msg),
+            Seen::Closed { frame, .. } => {
+                assert_eq!(frame.unwrap().code, CloseCode::Library(4002));
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            Message::text("hello from python"),
+            Message::binary(b"\x00\x01binary".to_vec())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn demo_echoes_and_beats() {
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let url = loop {
+        let mut line = String::new();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "demo exited early"
+        );
+        if line.contains("wsbeat in front of it") {
+            break line.split_whitespace().last().unwrap().to_owned();
+        }
+    };
+    let mut client = connect(&url).await;
+    echo_roundtrip(&mut client, Message::text("hi demo")).await;
+    signal(&child, "INT");
+    let frame = recv_close(&mut client).await.expect("close frame");
+    assert_eq!(frame.code, CloseCode::Away);
+    drop(client);
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap());
+    assert!(tokio::time::timeout(PATIENCE, status)
+        .await
+        .unwrap()
+        .unwrap()
+        .success());
+}

@@ -1,0 +1,391 @@
+//! Shared test helpers: a real WebSocket backend that reports what it sees, wsbeat started
+//! in-process on port 0, and clients.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderMap, HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use wsbeat::config::{Config, HumanDuration};
+
+/// A client connected through wsbeat.
+pub type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Generous upper bound for anything a test waits for; reaching it fails the test.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// What the backend saw, in order, per connection (numbered from 0).
+#[derive(Debug)]
+pub enum Seen {
+    Handshake {
+        conn: usize,
+        path: String,
+        headers: HeaderMap,
+    },
+    Message {
+        conn: usize,
+        msg: Message,
+    },
+    Closed {
+        conn: usize,
+        frame: Option<CloseFrame>,
+    },
+    /// The connection ended without a close frame (reset or EOF).
+    Dropped {
+        conn: usize,
+    },
+}
+
+/// How the test backend behaves.
+#[derive(Clone, Default)]
+pub struct BackendBehaviour {
+    /// Send `tick N` every period, this many times (after the handshake).
+    pub ticks: Option<(Duration, usize)>,
+    /// Refuse every handshake with this status and body.
+    pub refuse: Option<(u16, &'static str)>,
+    /// Do not echo messages back.
+    pub no_echo: bool,
+    /// Send `burst N` for N in 1..=this right after the handshake, as fast as possible.
+    pub burst: usize,
+}
+
+/// A real tokio-tungstenite backend on 127.0.0.1:0.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub seen: mpsc::UnboundedReceiver<Seen>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    pub async fn start(behaviour: BackendBehaviour) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, seen) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let mut conn = 0;
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(backend_connection(
+                    stream,
+                    conn,
+                    behaviour.clone(),
+                    tx.clone(),
+                ));
+                conn += 1;
+            }
+        });
+        Backend { addr, seen, task }
+    }
+
+    pub async fn echo() -> Backend {
+        Backend::start(BackendBehaviour::default()).await
+    }
+
+    /// The next event, or a panic after PATIENCE.
+    pub async fn next(&mut self) -> Seen {
+        tokio::time::timeout(PATIENCE, self.seen.recv())
+            .await
+            .expect("backend saw nothing in time")
+            .expect("backend gone")
+    }
+
+    /// The next event that is not a handshake.
+    pub async fn next_after_handshake(&mut self) -> Seen {
+        loop {
+            match self.next().await {
+                Seen::Handshake { .. } => continue,
+                other => return other,
+            }
+        }
+    }
+}
+
+async fn backend_connection(
+    stream: TcpStream,
+    conn: usize,
+    behaviour: BackendBehaviour,
+    tx: mpsc::UnboundedSender<Seen>,
+) {
+    let refuse = behaviour.refuse;
+    let tx2 = tx.clone();
+    #[allow(clippy::result_large_err)] // the signature tungstenite asks for
+    let callback = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        let _ = tx2.send(Seen::Handshake {
+            conn,
+            path,
+            headers: req.headers().clone(),
+        });
+        if let Some((status, body)) = refuse {
+            let mut r = ErrorResponse::new(Some(body.to_owned()));
+            *r.status_mut() = StatusCode::from_u16(status).unwrap();
+            r.headers_mut()
+                .insert("x-backend", HeaderValue::from_static("refused"));
+            return Err(r);
+        }
+        // Choose the last subprotocol offered, to prove the choice is the backend's.
+        if let Some(offered) = req.headers().get("sec-websocket-protocol") {
+            let last = offered
+                .to_str()
+                .unwrap()
+                .split(',')
+                .next_back()
+                .unwrap()
+                .trim();
+            resp.headers_mut()
+                .insert("sec-websocket-protocol", last.parse().unwrap());
+        }
+        Ok(resp)
+    };
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+        return;
+    };
+    for i in 1..=behaviour.burst {
+        if ws.feed(Message::text(format!("burst {i}"))).await.is_err() {
+            return;
+        }
+    }
+    if ws.flush().await.is_err() {
+        return;
+    }
+    let mut ticks_left = behaviour.ticks.map_or(0, |(_, n)| n);
+    let period = behaviour
+        .ticks
+        .map_or(Duration::from_secs(3600), |(p, _)| p);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let mut tick = 0;
+    loop {
+        tokio::select! {
+            _ = ticker.tick(), if ticks_left > 0 => {
+                ticks_left -= 1;
+                tick += 1;
+                if ws.send(Message::text(format!("tick {tick}"))).await.is_err() {
+                    break;
+                }
+            }
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Close(frame))) => {
+                    let _ = tx.send(Seen::Closed { conn, frame });
+                    // Let tungstenite finish the close handshake.
+                    while let Some(Ok(_)) = ws.next().await {}
+                    break;
+                }
+                Some(Ok(msg)) => {
+                    let echo = (msg.is_text() || msg.is_binary()) && !behaviour.no_echo;
+                    let _ = tx.send(Seen::Message { conn, msg: msg.clone() });
+                    if echo && ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Err(_)) | None => {
+                    let _ = tx.send(Seen::Dropped { conn });
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// wsbeat running in-process on 127.0.0.1:0; shuts down when dropped or on `stop`.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Starts wsbeat in front of `upstream` with test-friendly defaults, after `tune`.
+    pub async fn start(upstream: SocketAddr, tune: impl FnOnce(&mut Config)) -> Proxy {
+        let mut config = Config::default();
+        config.admin.listen = None;
+        config.upstream.url = format!("ws://{upstream}").parse().unwrap();
+        tune(&mut config);
+        config.validate().expect("test config is valid");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(wsbeat::serve(Arc::new(config), listener, async {
+            let _ = stopped.await;
+        }));
+        Proxy {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.addr)
+    }
+
+    /// Triggers shutdown and waits until wsbeat has drained.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(PATIENCE, task)
+                .await
+                .expect("drain in time")
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+pub fn ms(n: u64) -> HumanDuration {
+    HumanDuration::millis(n)
+}
+
+/// Connects a tokio-tungstenite client through wsbeat.
+pub async fn connect(url: &str) -> Client {
+    tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("connect in time")
+        .expect("handshake through wsbeat")
+        .0
+}
+
+/// The next message the client receives, or a panic after PATIENCE.
+pub async fn recv(client: &mut Client) -> Message {
+    tokio::time::timeout(PATIENCE, client.next())
+        .await
+        .expect("message in time")
+        .expect("stream open")
+        .expect("no error")
+}
+
+/// The next data message, skipping heartbeats.
+pub async fn recv_data(client: &mut Client, heartbeat: &str) -> Message {
+    loop {
+        match recv(client).await {
+            Message::Text(t) if t.as_str() == heartbeat => continue,
+            Message::Ping(_) | Message::Pong(_) => continue,
+            m => return m,
+        }
+    }
+}
+
+/// Reads until the client receives a close frame; returns it.
+pub async fn recv_close(client: &mut Client) -> Option<CloseFrame> {
+    loop {
+        match recv(client).await {
+            Message::Close(frame) => return frame,
+            _ => continue,
+        }
+    }
+}
+
+/// Sends a raw HTTP request and reads the response head and any body until the
+/// connection closes or PATIENCE passes. Returns the whole response text.
+pub async fn raw_http(addr: SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(PATIENCE, s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => {
+                buf.extend_from_slice(&chunk[..n]);
+                // Stop at the end of a response with a known length.
+                let text = String::from_utf8_lossy(&buf);
+                if let Some(head_end) = text.find("\r\n\r\n") {
+                    let len = text[..head_end].lines().find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap())
+                    });
+                    if let Some(len) = len {
+                        if buf.len() >= head_end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(_) => panic!("no response in time"),
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// A valid upgrade request for `path`, as raw text.
+pub fn upgrade_request(path: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
+/// Opens a WebSocket with a raw TCP client and returns the socket right after the 101,
+/// for tests that need a peer that misbehaves below the WebSocket library.
+pub async fn raw_websocket(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(upgrade_request(path).as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(PATIENCE, s.read(&mut byte))
+            .await
+            .expect("101 in time")
+            .unwrap();
+        assert_eq!(n, 1, "connection closed during handshake");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s
+}
+
+/// A masked client frame (FIN set) with the given opcode and payload.
+pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x11u8, 0x22, 0x33, 0x44];
+    let mut f = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n < 65536 => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Echo helper: sends and expects the same message back (heartbeats skipped).
+pub async fn echo_roundtrip(client: &mut Client, msg: Message) {
+    client.send(msg.clone()).await.unwrap();
+    assert_eq!(recv_data(client, "--heartbeat--").await, msg);
+}

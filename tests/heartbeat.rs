@@ -1,0 +1,265 @@
+//! Heartbeats and liveness, timed over real sockets with short intervals and margins that
+//! survive a loaded 2-core machine.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::SinkExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use wsbeat::config::HeartbeatMode;
+
+const HB: &str = "--heartbeat--";
+/// Heartbeat interval in the cadence tests.
+const INTERVAL: Duration = Duration::from_millis(250);
+/// How late a heartbeat may be on a loaded machine before the test calls it missed.
+const MARGIN: Duration = Duration::from_millis(200);
+
+/// Receives for `window` and returns the arrival times of heartbeats and the number of
+/// data messages seen.
+async fn watch(client: &mut Client, window: Duration) -> (Vec<Instant>, usize) {
+    let end = Instant::now() + window;
+    let mut heartbeats = Vec::new();
+    let mut data = 0;
+    while let Ok(msg) = tokio::time::timeout_at(end.into(), recv(client)).await {
+        match msg {
+            Message::Text(t) if t.as_str() == HB => heartbeats.push(Instant::now()),
+            Message::Text(_) | Message::Binary(_) => data += 1,
+            _ => {}
+        }
+    }
+    (heartbeats, data)
+}
+
+fn max_gap(start: Instant, beats: &[Instant]) -> Duration {
+    let mut prev = start;
+    let mut max = Duration::ZERO;
+    for &b in beats {
+        max = max.max(b - prev);
+        prev = b;
+    }
+    max
+}
+
+async fn interval_mode_cadence(behaviour: BackendBehaviour) -> (usize, usize) {
+    let backend = Backend::start(behaviour).await;
+    let proxy = Proxy::start(backend.addr, |c| {
+        c.heartbeat.interval = ms(INTERVAL.as_millis() as u64);
+    })
+    .await;
+    let mut client = connect(&proxy.url("/")).await;
+    let start = Instant::now();
+    let (beats, data) = watch(&mut client, Duration::from_millis(2000)).await;
+    let gap = max_gap(start, &beats);
+    assert!(gap <= INTERVAL + MARGIN, "a heartbeat gap of {gap:?}");
+    // 2 s / 250 ms = 8 heartbeats; allow one lost to the window's edges.
+    assert!(beats.len() >= 7, "only {} heartbeats", beats.len());
+    (beats.len(), data)
+}
+
+#[tokio::test]
+async fn interval_mode_beats_on_time_with_an_idle_backend() {
+    let (_, data) = interval_mode_cadence(BackendBehaviour::default()).await;
+    assert_eq!(data, 0);
+}
+
+#[tokio::test]
+async fn interval_mode_beats_on_time_while_the_backend_sends_every_100ms() {
+    let (_, data) = interval_mode_cadence(BackendBehaviour {
+        ticks: Some((Duration::from_millis(100), 1000)),
+        ..Default::default()
+    })
+    .await;
+    assert!(data >= 15, "the backend's ticks did not flow ({data})");
+}
+
+#[tokio::test]
+async fn idle_mode_stays_quiet_while_traffic_flows_then_beats() {
+    // 15 ticks at 100 ms (1.5 s of traffic), heartbeat interval 300 ms.
+    let backend = Backend::start(BackendBehaviour {
+        ticks: Some((Duration::from_millis(100), 15)),
+        ..Default::default()
+    })
+    .await;
+    let proxy = Proxy::start(backend.addr, |c| {
+        c.heartbeat.interval = ms(300);
+        c.heartbeat.mode = HeartbeatMode::Idle;
+    })
+    .await;
+    let mut client = connect(&proxy.url("/")).await;
+    let mut last_tick = None;
+    let mut ticks = 0;
+    loop {
+        match recv(&mut client).await {
+            Message::Text(t) if t.as_str() == HB => break,
+            Message::Text(t) => {
+                assert!(t.starts_with("tick"));
+                ticks += 1;
+                last_tick = Some(Instant::now());
+            }
+            _ => {}
+        }
+    }
+    // The first heartbeat came only after the backend fell silent, a quiet interval
+    // after its last message.
+    assert_eq!(ticks, 15, "a heartbeat arrived while traffic flowed");
+    let quiet = last_tick.unwrap().elapsed();
+    assert!(
+        quiet >= Duration::from_millis(250),
+        "heartbeat {quiet:?} after the last tick"
+    );
+    assert!(
+        quiet <= Duration::from_millis(300) + MARGIN,
+        "heartbeat {quiet:?} after the last tick"
+    );
+}
+
+#[tokio::test]
+async fn heartbeats_off_sends_none() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |c| {
+        c.heartbeat.message = None;
+        c.heartbeat.interval = ms(50);
+    })
+    .await;
+    let mut client = connect(&proxy.url("/")).await;
+    let (beats, _) = watch(&mut client, Duration::from_millis(400)).await;
+    assert!(beats.is_empty());
+}
+
+#[tokio::test]
+async fn route_overrides_the_heartbeat_interval_and_message() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |c| {
+        c.heartbeat.interval = ms(10_000);
+        c.routes = vec![serde_saphyr::from_str(
+            "{ path: /fast, heartbeat: { interval: 100ms, message: beat } }",
+        )
+        .unwrap()];
+    })
+    .await;
+    let mut client = connect(&proxy.url("/fast/1")).await;
+    assert_eq!(recv(&mut client).await, Message::text("beat"));
+}
+
+#[tokio::test]
+async fn client_heartbeats_never_reach_the_backend_and_keep_the_client_alive() {
+    let mut backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |c| {
+        c.heartbeat.message = Some(HB.into());
+        // Pings are rare, so only the client's heartbeats can keep it alive.
+        c.liveness.ping_interval = ms(5_000);
+        c.liveness.timeout = ms(6_000);
+    })
+    .await;
+    let mut client = connect(&proxy.url("/")).await;
+    client.send(Message::text(HB)).await.unwrap();
+    client.send(Message::text("--heartbeat-- ")).await.unwrap();
+    client
+        .send(Message::binary(HB.as_bytes().to_vec()))
+        .await
+        .unwrap();
+    client.send(Message::text("next")).await.unwrap();
+    // The exact string is dropped; near misses and binary copies are data.
+    for expected in [
+        Message::text("--heartbeat-- "),
+        Message::binary(HB.as_bytes().to_vec()),
+        Message::text("next"),
+    ] {
+        match backend.next_after_handshake().await {
+            Seen::Message { msg, .. } => assert_eq!(msg, expected),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn client_heartbeats_alone_keep_a_client_alive_past_timeout() {
+    let mut backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |c| {
+        c.liveness.ping_interval = ms(100);
+        c.liveness.timeout = ms(400);
+    })
+    .await;
+    // A raw client that never answers PINGs, only sends heartbeats every 100 ms.
+    let mut raw = raw_websocket(proxy.addr, "/").await;
+    let beat = client_frame(0x1, HB.as_bytes());
+    let alive_until = Instant::now() + Duration::from_millis(1200);
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    while Instant::now() < alive_until {
+        ticker.tick().await;
+        raw.write_all(&beat).await.unwrap();
+    }
+    // Three timeouts later the backend has seen nothing at all: no heartbeat, no close.
+    assert!(matches!(backend.next().await, Seen::Handshake { .. }));
+    assert!(backend.seen.try_recv().is_err(), "the backend saw traffic");
+    // Silence: now the verdict comes.
+    match backend.next().await {
+        Seen::Closed { frame: Some(f), .. } => assert_eq!(f.code, CloseCode::Away),
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_silent_client_is_declared_dead_and_the_backend_gets_1001_in_time() {
+    let mut backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |c| {
+        c.liveness.ping_interval = ms(100);
+        c.liveness.timeout = ms(400);
+    })
+    .await;
+    // A raw client: completes the handshake, then never reads or answers anything.
+    let mut raw = raw_websocket(proxy.addr, "/").await;
+    let handshake_done = Instant::now();
+    match backend.next().await {
+        Seen::Handshake { .. } => {}
+        other => panic!("{other:?}"),
+    }
+    match backend.next().await {
+        Seen::Closed { frame: Some(f), .. } => assert_eq!(f.code, CloseCode::Away),
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    let took = handshake_done.elapsed();
+    assert!(
+        took >= Duration::from_millis(380),
+        "declared dead after only {took:?}"
+    );
+    assert!(
+        took <= Duration::from_millis(100 + 400) + Duration::from_millis(500),
+        "declared dead after {took:?}"
+    );
+    // The client's socket is dropped at most CLOSE_GRACE after the verdict.
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut buf))
+        .await
+        .expect("wsbeat dropped the dead client's socket")
+        .ok();
+    assert!(handshake_done.elapsed() <= Duration::from_millis(400 + 1000 + 1000));
+}
+
+#[tokio::test]
+async fn a_client_that_answers_pings_outlives_the_timeout() {
+    let mut backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |c| {
+        c.heartbeat.message = None;
+        c.liveness.ping_interval = ms(100);
+        c.liveness.timeout = ms(400);
+    })
+    .await;
+    // tokio-tungstenite answers PINGs while it reads; this client only reads.
+    let mut client = connect(&proxy.url("/")).await;
+    let (_, data) = watch(&mut client, Duration::from_millis(1500)).await;
+    assert_eq!(data, 0);
+    client.send(Message::text("still here")).await.unwrap();
+    assert_eq!(
+        recv_data(&mut client, HB).await,
+        Message::text("still here")
+    );
+    match backend.next_after_handshake().await {
+        Seen::Message { msg, .. } => assert_eq!(msg, Message::text("still here")),
+        other => panic!("{other:?}"),
+    }
+}

@@ -6,6 +6,7 @@
 //! - [`server`]: the public listener, client handshake checks, routing.
 //! - [`upstream`]: the upstream leg's handshake with the forwarded headers.
 //! - [`relay`]: the per-connection loop that holds both sockets.
+//! - [`frame`]: WebSocket frames on the wire: the validating parser and the encoder.
 //! - [`heartbeat`]: the heartbeat and liveness state machine (pure, no I/O).
 //! - [`shutdown`]: signals and the drain with a deadline.
 //! - [`demo`]: the embedded echo backend behind `wsbeat demo`.
@@ -13,6 +14,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod frame;
 pub mod heartbeat;
 pub mod relay;
 pub mod server;

@@ -1,31 +1,43 @@
 //! The per-connection relay: the only code that holds both sockets. One task, one
 //! `select!` over both legs, one timer driven by the heartbeat state machine, and the
 //! shutdown token.
+//!
+//! Frames are forwarded as they arrive, header and payload bytes unchanged (a client's
+//! masked frame reaches the upstream with the client's own mask): no message is
+//! reassembled, and an idle connection holds no buffer. Reads land in a buffer on the
+//! stack and are copied to the other leg's output, which is written at once; only what
+//! the peer does not take stays allocated, and while it does the other leg is not read
+//! (backpressure). wsbeat's own frames (heartbeats, PINGs, PONGs, closes) are put between
+//! forwarded frames, heartbeats between messages.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::future::poll_fn;
+use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use futures_util::{Sink, Stream};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes};
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Route;
+use crate::frame::{self, close, encode, Event as FrameEvent, Parser, Sender, Violation};
 use crate::heartbeat::{Action, Heartbeat, Schedule};
 
 /// After wsbeat sends a close frame (or decides a peer is dead), how long it waits for
 /// the close handshake to finish before it drops the sockets.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Bytes read from a socket at once (on the stack, not kept between reads).
+const READ_CHUNK: usize = 32 * 1024;
+/// A peer that has this many bytes of wsbeat's own frames (PONGs) waiting is not read
+/// until it takes them: a PING flood from a peer that does not read cannot grow memory.
+const OWN_FRAMES_LIMIT: usize = 8 * 1024;
+/// An output buffer larger than this is freed once written, so a connection that
+/// carried one large burst does not keep its memory while idle.
+const KEEP_CAPACITY: usize = 1024;
 
 /// Which side of the proxy: the metric label `leg`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +51,13 @@ impl LegKind {
         match self {
             LegKind::Client => "client",
             LegKind::Upstream => "upstream",
+        }
+    }
+
+    fn other(self) -> LegKind {
+        match self {
+            LegKind::Client => LegKind::Upstream,
+            LegKind::Upstream => LegKind::Client,
         }
     }
 }
@@ -88,6 +107,7 @@ pub struct Stats {
     pub pongs_received: u64,
     pub messages_to_client: u64,
     pub messages_to_upstream: u64,
+    /// Payload bytes forwarded (frame headers not counted).
     pub bytes_to_client: u64,
     pub bytes_to_upstream: u64,
     pub last_pong_rtt: Option<Duration>,
@@ -97,7 +117,7 @@ pub struct Stats {
 #[derive(Debug, Clone)]
 pub struct Summary {
     pub outcome: Outcome,
-    /// The close code wsbeat sent to (or received from) each leg, when there was one.
+    /// The close code sent to (or first received from) each leg, when there was one.
     pub client_close_code: Option<u16>,
     pub upstream_close_code: Option<u16>,
     pub stats: Stats,
@@ -106,103 +126,116 @@ pub struct Summary {
 /// What one connection needs besides its two sockets.
 pub struct RelayContext {
     pub route: Arc<Route>,
+    pub max_message_size: u64,
     pub write_timeout: Duration,
     pub shutdown: CancellationToken,
     /// When the client handshake completed: the liveness clock starts here.
     pub started: Instant,
 }
 
-/// One leg: its socket and the frames waiting to be written to it.
-struct Leg<S> {
-    ws: WebSocketStream<S>,
-    kind: LegKind,
-    /// Messages for this leg not yet handed to the socket. At most one data message
-    /// (reads from the other leg stop until it is written) plus a few control frames.
-    queue: VecDeque<Message>,
-    /// Handed to the socket but not yet flushed.
+/// One leg's state, apart from its socket.
+struct Side {
+    /// Parses the frames this peer sends.
+    parser: Parser,
+    /// Bytes for this peer not yet written; empty and unallocated when idle.
+    out: Vec<u8>,
+    /// wsbeat's own frames for this peer, waiting for the frame being forwarded to it to
+    /// end.
+    deferred: Vec<u8>,
+    /// A heartbeat waits for the message being forwarded to this peer to end.
+    heartbeat_waiting: bool,
+    /// The frame being read from this peer is forwarded (not dropped while closing).
+    passing: bool,
+    /// Frames to this peer are masked: wsbeat is the upstream's client.
+    masks: bool,
+    /// Written to the socket but not flushed.
     unflushed: bool,
-    /// Since when a write to this leg has been waiting for the peer to take bytes.
+    /// Since when a write to this peer has been waiting for it to take bytes.
     blocked_since: Option<Instant>,
-    /// False once the stream has ended or failed: nothing more will be read.
+    /// False once nothing more will be read from this peer.
     readable: bool,
     /// False once writing has failed or the peer is abandoned.
     writable: bool,
-    /// The close code sent to this leg (or received from it first).
+    /// A close frame has been queued for this peer; nothing may follow it.
+    close_sent: bool,
+    /// This peer sent a close frame.
+    close_received: bool,
+    /// The close code sent to this peer (or first received from it).
     close_code: Option<u16>,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Leg<S> {
-    fn new(ws: WebSocketStream<S>, kind: LegKind) -> Self {
-        Leg {
-            ws,
-            kind,
-            queue: VecDeque::with_capacity(2),
+impl Side {
+    fn new(parser: Parser, masks: bool) -> Self {
+        Side {
+            parser,
+            out: Vec::new(),
+            deferred: Vec::new(),
+            heartbeat_waiting: false,
+            passing: false,
+            masks,
             unflushed: false,
             blocked_since: None,
             readable: true,
             writable: true,
+            close_sent: false,
+            close_received: false,
             close_code: None,
         }
     }
 
-    /// True when every message for this leg has been written out.
-    fn drained(&self) -> bool {
-        !self.writable || (self.queue.is_empty() && !self.unflushed)
-    }
-
     /// True when nothing more will happen on this leg.
     fn finished(&self) -> bool {
-        !self.readable && self.drained()
-    }
-
-    /// Queues a close frame after whatever is already queued (so nothing read is lost).
-    fn close(&mut self, frame: Option<CloseFrame>) {
-        if self.close_code.is_none() {
-            self.close_code = Some(frame.as_ref().map_or(1005, |f| u16::from(f.code)));
-        }
-        if self.writable {
-            self.queue.push_back(Message::Close(frame));
-        }
+        !self.readable
+            && (!self.writable
+                || (self.out.is_empty() && self.deferred.is_empty() && !self.unflushed))
     }
 
     /// Gives up on the peer: nothing more is read or written.
     fn abandon(&mut self) {
         self.readable = false;
         self.writable = false;
-        self.queue.clear();
+        self.out = Vec::new();
+        self.deferred = Vec::new();
+        self.blocked_since = None;
     }
 
-    /// Hands queued messages to the socket and flushes. Ready(Ok) when drained.
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+    /// Writes `out` and flushes. Ready(Ok) when everything is written.
+    fn poll_drain<S: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut S,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
         if !self.writable {
             return Poll::Ready(Ok(()));
         }
-        while let Some(next) = self.queue.front() {
-            let is_close = matches!(next, Message::Close(_));
-            ready!(Pin::new(&mut self.ws).poll_ready(cx))?;
-            if let Some(msg) = self.queue.pop_front() {
-                Pin::new(&mut self.ws).start_send(msg)?;
-                self.unflushed = true;
+        while !self.out.is_empty() {
+            let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.out))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            if is_close {
-                // Nothing may follow a close frame.
-                self.queue.clear();
-            }
+            self.out.drain(..n);
+            self.unflushed = true;
+        }
+        if self.out.capacity() > KEEP_CAPACITY {
+            self.out = Vec::new();
         }
         if self.unflushed {
-            ready!(Pin::new(&mut self.ws).poll_flush(cx))?;
+            ready!(Pin::new(&mut *io).poll_flush(cx))?;
             self.unflushed = false;
         }
         Poll::Ready(Ok(()))
     }
 }
 
-/// One thing that happened on the sockets.
+/// What `poll_event` saw.
 enum Event {
-    Read(LegKind, Option<Result<Message, WsError>>),
-    WriteFailed(LegKind, WsError),
-    /// A leg started waiting for its peer to take bytes: the timer must include its
-    /// write deadline.
+    /// Bytes were read and processed.
+    Progress,
+    /// The peer ended its stream (EOF).
+    Eof(LegKind),
+    ReadFailed(LegKind, io::Error),
+    WriteFailed(LegKind, io::Error),
+    /// A write started waiting for its peer: the timer must include its deadline.
     Blocked,
 }
 
@@ -212,32 +245,70 @@ struct Closing {
     deadline: Instant,
 }
 
-/// Relays one connection until both legs are closed; returns how it ended.
-pub async fn run<C, U>(
-    client: WebSocketStream<C>,
-    upstream: WebSocketStream<U>,
+/// A leg's socket and the bytes that arrived with its handshake.
+pub struct Socket<S> {
+    pub io: S,
+    /// Bytes read past the handshake (the first frames), processed before any read.
+    pub leftover: bytes::Bytes,
+}
+
+/// Relays one connection until both legs are closed; the future returns how it ended.
+///
+/// Not an `async fn`: the relay is built here and only its loop is the future, so the
+/// connection's state is stored once per task, not twice.
+pub fn run<C, U>(
+    client: Socket<C>,
+    upstream: Socket<U>,
     ctx: RelayContext,
-) -> Summary
+) -> impl std::future::Future<Output = Summary>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    Relay {
-        client: Leg::new(client, LegKind::Client),
-        upstream: Leg::new(upstream, LegKind::Upstream),
+    let heartbeat = ctx
+        .route
+        .heartbeat
+        .message
+        .as_ref()
+        .filter(|_| ctx.route.heartbeat.drop_client)
+        .map(|m| bytes::Bytes::copy_from_slice(m.as_bytes()));
+    // Boxed: an async fn's argument is stored apart from its locals, so a large `self`
+    // by value would take its room twice in every connection's task.
+    let mut relay = Box::new(Relay {
+        client_io: client.io,
+        upstream_io: upstream.io,
+        client: Side::new(
+            Parser::new(Sender::Client, ctx.max_message_size, heartbeat),
+            false,
+        ),
+        upstream: Side::new(
+            Parser::new(Sender::Server, ctx.max_message_size, None),
+            true,
+        ),
         heartbeat: Heartbeat::new(Schedule::for_route(&ctx.route), ctx.started),
         closing: None,
         stats: Stats::default(),
         client_first: true,
         ctx,
+    });
+    // The leftovers are slices of hyper's handshake buffers: process them, then let
+    // them go, so the buffers are not held for the life of the connection.
+    for (leg, leftover) in [
+        (LegKind::Client, client.leftover),
+        (LegKind::Upstream, upstream.leftover),
+    ] {
+        if !leftover.is_empty() {
+            relay.process(leg, &leftover);
+        }
     }
-    .run()
-    .await
+    relay.run()
 }
 
 struct Relay<C, U> {
-    client: Leg<C>,
-    upstream: Leg<U>,
+    client_io: C,
+    upstream_io: U,
+    client: Side,
+    upstream: Side,
     heartbeat: Heartbeat,
     closing: Option<Closing>,
     stats: Stats,
@@ -251,9 +322,8 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    async fn run(mut self) -> Summary {
-        let shutdown = self.ctx.shutdown.clone();
-        let shutdown = shutdown.cancelled();
+    async fn run(mut self: Box<Self>) -> Summary {
+        let shutdown = self.ctx.shutdown.clone().cancelled_owned();
         tokio::pin!(shutdown);
         let mut armed = self.deadline();
         let timer = tokio::time::sleep_until(armed);
@@ -279,6 +349,14 @@ where
                 timer.as_mut().reset(armed);
             }
         }
+        // Half-close what is still open, so the peers see FIN after the close frame.
+        let grace = Duration::from_millis(100);
+        if self.client.writable {
+            let _ = tokio::time::timeout(grace, self.client_io.shutdown()).await;
+        }
+        if self.upstream.writable {
+            let _ = tokio::time::timeout(grace, self.upstream_io.shutdown()).await;
+        }
         Summary {
             outcome: self.closing.map_or(Outcome::Error, |c| c.outcome),
             client_close_code: self.client.close_code,
@@ -287,12 +365,29 @@ where
         }
     }
 
+    fn side(&mut self, leg: LegKind) -> &mut Side {
+        match leg {
+            LegKind::Client => &mut self.client,
+            LegKind::Upstream => &mut self.upstream,
+        }
+    }
+
+    /// The leg's side and the other leg's side.
+    fn sides(&mut self, leg: LegKind) -> (&mut Side, &mut Side) {
+        match leg {
+            LegKind::Client => (&mut self.client, &mut self.upstream),
+            LegKind::Upstream => (&mut self.upstream, &mut self.client),
+        }
+    }
+
     /// The earliest instant at which the timer must fire.
     fn deadline(&self) -> Instant {
-        let far = Instant::now() + Duration::from_secs(86_400);
         let mut d = match &self.closing {
             Some(c) => c.deadline,
-            None => self.heartbeat.next_deadline().unwrap_or(far),
+            None => self
+                .heartbeat
+                .next_deadline()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400)),
         };
         for blocked in [self.client.blocked_since, self.upstream.blocked_since]
             .into_iter()
@@ -306,201 +401,275 @@ where
     /// Drives writes on both legs, then reads from whichever leg may be read.
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         macro_rules! drive_writes {
-            ($leg:expr) => {
-                match $leg.poll_write(cx) {
-                    Poll::Ready(Ok(())) => $leg.blocked_since = None,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Event::WriteFailed($leg.kind, e)),
+            ($side:expr, $io:expr, $leg:expr) => {
+                match $side.poll_drain(&mut $io, cx) {
+                    Poll::Ready(Ok(())) => $side.blocked_since = None,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Event::WriteFailed($leg, e)),
                     Poll::Pending => {
-                        if $leg.blocked_since.is_none() {
-                            $leg.blocked_since = Some(Instant::now());
+                        if $side.blocked_since.is_none() {
+                            $side.blocked_since = Some(Instant::now());
                             return Poll::Ready(Event::Blocked);
                         }
                     }
                 }
             };
         }
-        drive_writes!(self.client);
-        drive_writes!(self.upstream);
+        drive_writes!(self.client, self.client_io, LegKind::Client);
+        drive_writes!(self.upstream, self.upstream_io, LegKind::Upstream);
 
-        // Backpressure: a leg is read only when the other has written everything, so
-        // at most one message per direction is held. While closing, both are read
-        // freely (to see the close replies); data is then dropped.
-        let closing = self.closing.is_some();
-        let read_client = self.client.readable && (closing || self.upstream.drained());
-        let read_upstream = self.upstream.readable && (closing || self.client.drained());
         self.client_first = !self.client_first;
-        for client_turn in [self.client_first, !self.client_first] {
-            if client_turn && read_client {
-                if let Poll::Ready(item) = Pin::new(&mut self.client.ws).poll_next(cx) {
-                    return Poll::Ready(Event::Read(LegKind::Client, item));
+        let order = if self.client_first {
+            [LegKind::Client, LegKind::Upstream]
+        } else {
+            [LegKind::Upstream, LegKind::Client]
+        };
+        let mut storage = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        for leg in order {
+            if !self.may_read(leg) {
+                continue;
+            }
+            let mut buf = ReadBuf::uninit(&mut storage);
+            let polled = match leg {
+                LegKind::Client => Pin::new(&mut self.client_io).poll_read(cx, &mut buf),
+                LegKind::Upstream => Pin::new(&mut self.upstream_io).poll_read(cx, &mut buf),
+            };
+            match polled {
+                Poll::Pending => continue,
+                Poll::Ready(Err(e)) => return Poll::Ready(Event::ReadFailed(leg, e)),
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => {
+                    return Poll::Ready(Event::Eof(leg))
                 }
-            } else if !client_turn && read_upstream {
-                if let Poll::Ready(item) = Pin::new(&mut self.upstream.ws).poll_next(cx) {
-                    return Poll::Ready(Event::Read(LegKind::Upstream, item));
+                Poll::Ready(Ok(())) => {
+                    self.process(leg, buf.filled());
+                    return Poll::Ready(Event::Progress);
                 }
             }
         }
         Poll::Pending
     }
 
+    /// Backpressure: a leg is read only when the other leg has taken everything
+    /// forwarded to it, and this leg has taken wsbeat's own frames. While closing, a leg
+    /// whose frames are being dropped is read freely (to see its close reply).
+    fn may_read(&self, leg: LegKind) -> bool {
+        let (src, dst) = match leg {
+            LegKind::Client => (&self.client, &self.upstream),
+            LegKind::Upstream => (&self.upstream, &self.client),
+        };
+        let dropping = self.closing.is_some() && !src.passing;
+        src.readable
+            && src.out.len() < OWN_FRAMES_LIMIT
+            && (dst.out.is_empty() || !dst.writable || dropping)
+    }
+
+    /// Parses bytes read from `leg`, forwarding data frames to the other leg.
+    fn process(&mut self, leg: LegKind, mut data: &[u8]) {
+        let now = Instant::now();
+        match leg {
+            LegKind::Client => {
+                self.heartbeat.on_client_frame(now);
+            }
+            LegKind::Upstream => self.heartbeat.on_upstream_frame(now),
+        }
+        let closing = self.closing.is_some();
+        let mut payload_bytes = 0u64;
+        while !data.is_empty() {
+            let (src, dst) = self.sides(leg);
+            let dst_open = dst.writable && !dst.close_sent && !closing;
+            let passing = &mut src.passing;
+            let out = &mut dst.out;
+            let (used, event) = src.parser.feed(data, |bytes, starts_frame| {
+                if starts_frame {
+                    *passing = dst_open;
+                } else if *passing {
+                    payload_bytes += bytes.len() as u64;
+                }
+                if *passing {
+                    out.extend_from_slice(bytes);
+                }
+            });
+            data = &data[used..];
+            if let Some(event) = event {
+                self.on_frame_event(leg, event, now);
+            }
+            if !self.side(leg).readable {
+                break;
+            }
+        }
+        match leg {
+            LegKind::Client => self.stats.bytes_to_upstream += payload_bytes,
+            LegKind::Upstream => self.stats.bytes_to_client += payload_bytes,
+        }
+    }
+
+    fn on_frame_event(&mut self, leg: LegKind, event: FrameEvent, now: Instant) {
+        match event {
+            FrameEvent::DataFrameEnd { fin } => {
+                let (src, dst) = self.sides(leg);
+                let forwarded = src.passing;
+                // The frame into `dst` is complete: its waiting frames may follow.
+                if !dst.deferred.is_empty() {
+                    let mut deferred = std::mem::take(&mut dst.deferred);
+                    dst.out.append(&mut deferred);
+                }
+                if fin && forwarded {
+                    match leg {
+                        LegKind::Client => self.stats.messages_to_upstream += 1,
+                        LegKind::Upstream => {
+                            self.stats.messages_to_client += 1;
+                            self.heartbeat.on_sent_to_client(now);
+                        }
+                    }
+                }
+                if fin && leg == LegKind::Upstream && self.client.heartbeat_waiting {
+                    self.client.heartbeat_waiting = false;
+                    self.send_heartbeat();
+                }
+            }
+            FrameEvent::HeartbeatDropped => self.stats.client_heartbeats_dropped += 1,
+            // PING/PONG are hop-by-hop: answered here, never forwarded.
+            FrameEvent::Ping(payload) => self.send_own(leg, frame::OP_PONG, &payload),
+            FrameEvent::Pong(payload) => match leg {
+                LegKind::Client => {
+                    self.stats.pongs_received += 1;
+                    if let Some(rtt) = self.heartbeat.on_pong(&payload, now) {
+                        self.stats.last_pong_rtt = Some(rtt);
+                    }
+                }
+                LegKind::Upstream => {
+                    let _ = self.heartbeat.on_upstream_pong(&payload, now);
+                }
+            },
+            FrameEvent::Close(frame) => self.on_close_frame(leg, frame, now),
+            FrameEvent::Violation(v) => self.on_violation(leg, v, now),
+        }
+    }
+
+    /// Queues one of wsbeat's own frames for `to`: now if the stream into it is between
+    /// frames, else after the frame being forwarded. Nothing follows a close frame.
+    fn send_own(&mut self, to: LegKind, opcode: u8, payload: &[u8]) {
+        let (target, feeder) = self.sides(to);
+        if target.close_sent || !target.writable {
+            return;
+        }
+        let mask = target.masks.then(rand::random::<[u8; 4]>);
+        let buf = if feeder.parser.mid_frame() && feeder.passing {
+            &mut target.deferred
+        } else {
+            &mut target.out
+        };
+        encode(buf, opcode, payload, mask);
+        if opcode == frame::OP_CLOSE {
+            target.close_sent = true;
+        }
+    }
+
+    /// Queues a close frame for `to` and records its code.
+    fn send_close(&mut self, to: LegKind, code: u16, reason: &str) {
+        let side = self.side(to);
+        if side.close_code.is_none() && !side.close_sent {
+            side.close_code = Some(code);
+        }
+        self.send_own(to, frame::OP_CLOSE, &frame::close_payload(code, reason));
+    }
+
+    /// A heartbeat is a data frame: it waits for the message being forwarded to end.
+    fn send_heartbeat(&mut self) {
+        let Some(message) = self.ctx.route.heartbeat.message.clone() else {
+            return;
+        };
+        if self.client.close_sent || !self.client.writable {
+            return;
+        }
+        if self.upstream.parser.mid_message() && self.upstream.passing {
+            self.client.heartbeat_waiting = true;
+            return;
+        }
+        self.send_own(LegKind::Client, frame::OP_TEXT, message.as_bytes());
+        self.stats.heartbeats_sent += 1;
+    }
+
+    fn on_close_frame(&mut self, leg: LegKind, frame: Option<(u16, String)>, now: Instant) {
+        let (code, reason) = frame.unwrap_or((close::NO_STATUS, String::new()));
+        let side = self.side(leg);
+        side.close_received = true;
+        side.readable = false;
+        if side.close_sent {
+            return; // the reply to our close
+        }
+        side.close_code = Some(code);
+        // The peer started the close: echo it, and pass it on with its code and reason.
+        self.send_own(leg, frame::OP_CLOSE, &frame::close_payload(code, &reason));
+        self.send_close(leg.other(), code, &reason);
+        let outcome = match leg {
+            LegKind::Client => Outcome::ClientClose,
+            LegKind::Upstream => Outcome::UpstreamClose,
+        };
+        self.begin_closing(outcome, now);
+    }
+
+    /// The peer broke the protocol: tell it why and close the other leg.
+    fn on_violation(&mut self, leg: LegKind, v: Violation, now: Instant) {
+        tracing::debug!(leg = leg.as_str(), reason = v.reason, "protocol violation");
+        self.side(leg).readable = false;
+        self.send_close(leg, v.code, v.reason);
+        match leg {
+            LegKind::Client => self.send_close(
+                LegKind::Upstream,
+                close::GOING_AWAY,
+                "client violated the protocol",
+            ),
+            LegKind::Upstream => {
+                let code = if v.code == close::TOO_BIG {
+                    close::TOO_BIG
+                } else {
+                    close::INTERNAL_ERROR
+                };
+                self.send_close(LegKind::Client, code, "upstream violated the protocol");
+            }
+        }
+        self.begin_closing(Outcome::Error, now);
+    }
+
     fn on_event(&mut self, event: Event) {
         match event {
-            Event::Blocked => {}
-            Event::Read(LegKind::Client, Some(Ok(msg))) => self.on_client_message(msg),
-            Event::Read(LegKind::Upstream, Some(Ok(msg))) => self.on_upstream_message(msg),
-            Event::Read(leg, Some(Err(e))) => self.on_read_error(leg, e),
-            Event::Read(leg, None) => self.on_stream_end(leg),
-            Event::WriteFailed(leg, e) => {
-                tracing::debug!(leg = leg.as_str(), error = %e, "write failed");
+            Event::Progress | Event::Blocked => {}
+            Event::Eof(leg) => {
+                let closing = self.closing.is_some();
+                let side = self.side(leg);
+                if side.close_received || (side.close_sent && closing) {
+                    side.readable = false;
+                } else {
+                    self.on_leg_lost(leg);
+                }
+            }
+            Event::ReadFailed(leg, e) | Event::WriteFailed(leg, e) => {
+                tracing::debug!(leg = leg.as_str(), error = %e, "socket error");
                 self.on_leg_lost(leg);
             }
         }
     }
 
-    fn on_client_message(&mut self, msg: Message) {
+    /// A peer vanished (reset, EOF without close, write error): abandon it and close the
+    /// other leg (client gone → 1001, upstream gone → 1011).
+    fn on_leg_lost(&mut self, leg: LegKind) {
+        self.side(leg).abandon();
+        if self.closing.is_some() {
+            return;
+        }
         let now = Instant::now();
-        self.heartbeat.on_client_frame(now);
-        match msg {
-            Message::Text(text) if self.is_client_heartbeat(&text) => {
-                self.stats.client_heartbeats_dropped += 1;
-            }
-            Message::Text(_) | Message::Binary(_) => {
-                if self.closing.is_none() {
-                    self.stats.messages_to_upstream += 1;
-                    self.stats.bytes_to_upstream += msg.len() as u64;
-                    self.upstream.queue.push_back(msg);
-                }
-            }
-            // tungstenite has queued the PONG; make sure it is flushed promptly.
-            Message::Ping(_) => self.client.unflushed = true,
-            Message::Pong(payload) => {
-                self.stats.pongs_received += 1;
-                if let Some(rtt) = self.heartbeat.on_pong(&payload, now) {
-                    self.stats.last_pong_rtt = Some(rtt);
-                }
-            }
-            Message::Close(frame) => {
-                self.client.close_code = Some(frame.as_ref().map_or(1005, |f| u16::from(f.code)));
-                // tungstenite has queued the echo of the client's close frame.
-                self.client.unflushed = true;
-                self.upstream.close(frame);
+        match leg {
+            LegKind::Client => {
+                self.send_close(LegKind::Upstream, close::GOING_AWAY, "client went away");
                 self.begin_closing(Outcome::ClientClose, now);
             }
-            Message::Frame(_) => {}
-        }
-    }
-
-    fn on_upstream_message(&mut self, msg: Message) {
-        let now = Instant::now();
-        self.heartbeat.on_upstream_frame(now);
-        match msg {
-            Message::Text(_) | Message::Binary(_) => {
-                if self.closing.is_none() {
-                    self.stats.messages_to_client += 1;
-                    self.stats.bytes_to_client += msg.len() as u64;
-                    self.heartbeat.on_sent_to_client(now);
-                    self.client.queue.push_back(msg);
-                }
-            }
-            Message::Ping(_) => self.upstream.unflushed = true,
-            Message::Pong(payload) => {
-                let _ = self.heartbeat.on_upstream_pong(&payload, now);
-            }
-            Message::Close(frame) => {
-                self.upstream.close_code = Some(frame.as_ref().map_or(1005, |f| u16::from(f.code)));
-                self.upstream.unflushed = true;
-                self.client.close(frame);
+            LegKind::Upstream => {
+                self.send_close(
+                    LegKind::Client,
+                    close::INTERNAL_ERROR,
+                    "upstream connection lost",
+                );
                 self.begin_closing(Outcome::UpstreamClose, now);
-            }
-            Message::Frame(_) => {}
-        }
-    }
-
-    fn is_client_heartbeat(&self, text: &Utf8Bytes) -> bool {
-        let hb = &self.ctx.route.heartbeat;
-        hb.drop_client && hb.message.as_ref().is_some_and(|m| m == text)
-    }
-
-    /// A read failed: tell the offending peer why (when it can still hear it) and close
-    /// the other leg.
-    fn on_read_error(&mut self, leg: LegKind, e: WsError) {
-        let code = match &e {
-            WsError::Capacity(CapacityError::MessageTooLong { .. }) => Some(CloseCode::Size),
-            WsError::Utf8(_) => Some(CloseCode::Invalid),
-            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
-            WsError::Protocol(_) => Some(CloseCode::Protocol),
-            _ => None,
-        };
-        tracing::debug!(leg = leg.as_str(), error = %e, "read failed");
-        let Some(code) = code else {
-            return self.on_leg_lost(leg);
-        };
-        let now = Instant::now();
-        let reason = Utf8Bytes::from(e.to_string().chars().take(100).collect::<String>());
-        let (offender, other_code) = match leg {
-            LegKind::Client => {
-                self.client.readable = false;
-                self.client.close(Some(CloseFrame { code, reason }));
-                (LegKind::Client, CloseCode::Away)
-            }
-            LegKind::Upstream => {
-                self.upstream.readable = false;
-                self.upstream.close(Some(CloseFrame { code, reason }));
-                let to_client = if code == CloseCode::Size {
-                    CloseCode::Size
-                } else {
-                    CloseCode::Error
-                };
-                (LegKind::Upstream, to_client)
-            }
-        };
-        let frame = Some(CloseFrame {
-            code: other_code,
-            reason: Utf8Bytes::from_static(match offender {
-                LegKind::Client => "client violated the protocol",
-                LegKind::Upstream => "upstream violated the protocol",
-            }),
-        });
-        match offender {
-            LegKind::Client => self.upstream.close(frame),
-            LegKind::Upstream => self.client.close(frame),
-        }
-        self.begin_closing(Outcome::Error, now);
-    }
-
-    /// A leg's stream ended: after a close handshake that is the normal end; without one
-    /// the peer is gone, and the other leg is closed (client gone → 1001, upstream gone →
-    /// 1011).
-    fn on_stream_end(&mut self, leg: LegKind) {
-        match leg {
-            LegKind::Client => self.client.readable = false,
-            LegKind::Upstream => self.upstream.readable = false,
-        }
-        if self.closing.is_none() {
-            self.on_leg_lost(leg);
-        }
-    }
-
-    /// A peer vanished (reset, EOF without close, write error): abandon it and close the
-    /// other leg.
-    fn on_leg_lost(&mut self, leg: LegKind) {
-        let now = Instant::now();
-        match leg {
-            LegKind::Client => {
-                self.client.abandon();
-                if self.closing.is_none() {
-                    self.upstream
-                        .close(close_frame(CloseCode::Away, "client went away"));
-                    self.begin_closing(Outcome::ClientClose, now);
-                }
-            }
-            LegKind::Upstream => {
-                self.upstream.abandon();
-                if self.closing.is_none() {
-                    self.client
-                        .close(close_frame(CloseCode::Error, "upstream connection lost"));
-                    self.begin_closing(Outcome::UpstreamClose, now);
-                }
             }
         }
     }
@@ -515,9 +684,16 @@ where
     }
 
     fn on_shutdown(&mut self) {
-        let frame = close_frame(CloseCode::Away, "wsbeat is shutting down");
-        self.upstream.close(frame.clone());
-        self.client.close(frame);
+        self.send_close(
+            LegKind::Upstream,
+            close::GOING_AWAY,
+            "wsbeat is shutting down",
+        );
+        self.send_close(
+            LegKind::Client,
+            close::GOING_AWAY,
+            "wsbeat is shutting down",
+        );
         self.begin_closing(Outcome::Shutdown, Instant::now());
     }
 
@@ -536,15 +712,13 @@ where
         if stalled(self.client.blocked_since) {
             tracing::debug!("client took no bytes for the write timeout");
             self.client.abandon();
-            self.upstream
-                .close(close_frame(CloseCode::Away, "client too slow"));
+            self.send_close(LegKind::Upstream, close::GOING_AWAY, "client too slow");
             self.begin_closing(Outcome::Error, now);
         }
         if stalled(self.upstream.blocked_since) {
             tracing::debug!("upstream took no bytes for the write timeout");
             self.upstream.abandon();
-            self.client
-                .close(close_frame(CloseCode::Error, "upstream too slow"));
+            self.send_close(LegKind::Client, close::INTERNAL_ERROR, "upstream too slow");
             self.begin_closing(Outcome::Error, now);
         }
         if self.closing.is_some() {
@@ -553,57 +727,33 @@ where
         loop {
             match self.heartbeat.poll(now) {
                 Action::Idle => break,
-                Action::SendHeartbeat => {
-                    if let Some(m) = &self.ctx.route.heartbeat.message {
-                        // One heartbeat waiting behind a blocked write is enough.
-                        let queued = self.client.queue.iter().any(|q| is_text(q, m));
-                        if !queued {
-                            self.client.queue.push_back(Message::Text(m.clone()));
-                            self.stats.heartbeats_sent += 1;
-                        }
-                    }
-                }
+                Action::SendHeartbeat => self.send_heartbeat(),
                 Action::PingClient(payload) => {
                     self.stats.pings_sent += 1;
-                    self.client
-                        .queue
-                        .push_back(Message::Ping(Bytes::copy_from_slice(&payload)));
+                    self.send_own(LegKind::Client, frame::OP_PING, &payload);
                 }
                 Action::PingUpstream(payload) => {
-                    self.upstream
-                        .queue
-                        .push_back(Message::Ping(Bytes::copy_from_slice(&payload)));
+                    self.send_own(LegKind::Upstream, frame::OP_PING, &payload);
                 }
                 Action::ClientDead => {
                     // The backend frees its resources first; the client gets a close it
                     // will probably never read, and CLOSE_GRACE later the socket is gone.
-                    self.upstream
-                        .close(close_frame(CloseCode::Away, "client unresponsive"));
-                    self.client
-                        .close(close_frame(CloseCode::Away, "no answer to pings"));
+                    self.send_close(LegKind::Upstream, close::GOING_AWAY, "client unresponsive");
+                    self.send_close(LegKind::Client, close::GOING_AWAY, "no answer to pings");
                     self.begin_closing(Outcome::ClientDead, now);
                     break;
                 }
                 Action::UpstreamDead => {
-                    self.upstream
-                        .close(close_frame(CloseCode::Away, "no answer to pings"));
-                    self.client
-                        .close(close_frame(CloseCode::Error, "upstream unresponsive"));
+                    self.send_close(LegKind::Upstream, close::GOING_AWAY, "no answer to pings");
+                    self.send_close(
+                        LegKind::Client,
+                        close::INTERNAL_ERROR,
+                        "upstream unresponsive",
+                    );
                     self.begin_closing(Outcome::UpstreamDead, now);
                     break;
                 }
             }
         }
     }
-}
-
-fn is_text(msg: &Message, text: &Utf8Bytes) -> bool {
-    matches!(msg, Message::Text(t) if t == text)
-}
-
-fn close_frame(code: CloseCode, reason: &'static str) -> Option<CloseFrame> {
-    Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(reason),
-    })
 }

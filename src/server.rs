@@ -18,8 +18,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -34,9 +32,6 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
 /// Longest request head accepted; larger ones get 431.
 const MAX_REQUEST_HEAD: usize = 64 * 1024;
-/// tungstenite reads in chunks of this size; its default (128 KiB, zero-filled, never
-/// shrunk) would dominate the memory of an idle connection.
-const READ_BUFFER_SIZE: usize = 4 * 1024;
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again, so
 /// the loop does not spin while the condition lasts.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
@@ -45,7 +40,6 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 pub struct Proxy {
     pub config: Arc<Config>,
     routes: Routes,
-    ws_config: WebSocketConfig,
     /// One permit per proxied WebSocket: `limits.max_connections`.
     connections: Arc<Semaphore>,
     shutdown: CancellationToken,
@@ -55,19 +49,10 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(config: Arc<Config>, shutdown: CancellationToken, tracker: TaskTracker) -> Self {
-        let max = config.limits.max_message_size.0 as usize;
-        let ws_config = WebSocketConfig::default()
-            .read_buffer_size(READ_BUFFER_SIZE)
-            .write_buffer_size(0)
-            // One message in flight plus control frames: see relay::Leg.
-            .max_write_buffer_size(max.saturating_mul(2).saturating_add(64 * 1024))
-            .max_message_size(Some(max))
-            .max_frame_size(Some(max));
         Proxy {
             routes: config.routes(),
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             config,
-            ws_config,
             shutdown,
             tracker,
             next_id: AtomicU64::new(1),
@@ -153,7 +138,7 @@ impl Proxy {
     ) -> Response<Body> {
         let client_upgrade = hyper::upgrade::on(&mut req);
         let (parts, _body) = req.into_parts();
-        let dialed = upstream::dial(&route.upstream, &parts, info, self.ws_config).await;
+        let dialed = upstream::dial(&route.upstream, &parts, info).await;
         let (upstream_socket, protocol, upstream_headers) = match dialed {
             Ok(Dialed::Accepted {
                 socket,
@@ -192,22 +177,21 @@ impl Proxy {
         let proxy = self.clone();
         self.tracker.spawn(async move {
             let _permit = permit;
-            let client_io = match client_upgrade.await {
-                Ok(io) => io,
+            let client = match client_upgrade.await.map(upstream::into_tcp) {
+                Ok(Some(socket)) => socket,
+                Ok(None) => {
+                    tracing::error!(id, "the client's upgraded connection is not TCP");
+                    return;
+                }
                 Err(e) => {
                     tracing::debug!(id, error = %e, "client upgrade failed");
                     return;
                 }
             };
-            let client = WebSocketStream::from_raw_socket(
-                TokioIo::new(client_io),
-                Role::Server,
-                Some(proxy.ws_config),
-            )
-            .await;
             let started = tokio::time::Instant::now();
             let ctx = RelayContext {
                 route: route.clone(),
+                max_message_size: proxy.config.limits.max_message_size.0,
                 write_timeout: proxy.config.limits.write_timeout.0,
                 shutdown: proxy.shutdown.clone(),
                 started,

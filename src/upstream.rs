@@ -13,13 +13,12 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::WebSocketStream;
 
 use crate::config::UpstreamConfig;
 
-/// The upstream leg once its handshake is done.
-pub type UpstreamSocket = WebSocketStream<TokioIo<Upgraded>>;
+/// The upstream leg once its handshake is done: the TCP stream and any frames that
+/// arrived with the 101.
+pub type UpstreamSocket = crate::relay::Socket<TcpStream>;
 
 /// Why the upstream leg could not be opened; the variant decides the client's status.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +44,16 @@ pub enum DialError {
         upstream: String,
         reason: &'static str,
     },
+}
+
+/// Takes the TCP stream back out of a finished hyper upgrade, with the bytes hyper had
+/// already read past the handshake.
+pub fn into_tcp(upgraded: Upgraded) -> Option<crate::relay::Socket<TcpStream>> {
+    let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
+    Some(crate::relay::Socket {
+        io: parts.io.into_inner(),
+        leftover: parts.read_buf,
+    })
 }
 
 impl DialError {
@@ -208,13 +217,12 @@ pub async fn dial(
     upstream: &UpstreamConfig,
     client: &Parts,
     info: ClientInfo,
-    ws_config: WebSocketConfig,
 ) -> Result<Dialed, DialError> {
     let name = upstream.url.to_string();
     let started = Instant::now();
     match tokio::time::timeout(
         upstream.connect_timeout.0,
-        handshake(upstream, client, info, ws_config, &name, started),
+        handshake(upstream, client, info, &name, started),
     )
     .await
     {
@@ -227,7 +235,6 @@ async fn handshake(
     upstream: &UpstreamConfig,
     client: &Parts,
     info: ClientInfo,
-    ws_config: WebSocketConfig,
     name: &str,
     started: Instant,
 ) -> Result<Dialed, DialError> {
@@ -287,9 +294,7 @@ async fn handshake(
     let mut forwarded = HeaderMap::new();
     copy_end_to_end(headers, &mut forwarded);
     let upgraded = hyper::upgrade::on(&mut response).await.map_err(http_err)?;
-    let socket =
-        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, Some(ws_config))
-            .await;
+    let socket = into_tcp(upgraded).ok_or_else(|| invalid("the upgraded connection is not TCP"))?;
     Ok(Dialed::Accepted {
         socket: Box::new(socket),
         protocol,

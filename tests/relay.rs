@@ -457,3 +457,73 @@ async fn shutdown_closes_both_legs_with_1001() {
     drop(client);
     stopping.await.unwrap();
 }
+
+#[tokio::test]
+async fn fragmented_messages_pass_with_pings_between_fragments() {
+    let mut backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |_| {}).await;
+    let mut raw = raw_websocket(proxy.addr, "/").await;
+    let mut first = client_frame(0x1, b"frag");
+    first[0] &= 0x7F; // not final
+    let mut wire = first;
+    wire.extend(client_frame(0x9, b"mid-ping"));
+    wire.extend(client_frame(0x0, b"mented"));
+    raw.write_all(&wire).await.unwrap();
+    match backend.next_after_handshake().await {
+        Seen::Message { msg, .. } => assert_eq!(msg, Message::text("fragmented")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn frames_sent_with_the_handshake_are_not_lost() {
+    let mut backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |_| {}).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut wire = upgrade_request("/").into_bytes();
+    wire.extend(client_frame(0x1, b"eager"));
+    s.write_all(&wire).await.unwrap();
+    match backend.next_after_handshake().await {
+        Seen::Message { msg, .. } => assert_eq!(msg, Message::text("eager")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn heartbeats_wait_for_the_end_of_a_fragmented_message() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    // The backend sends a text message in two fragments, 400 ms apart: longer than the
+    // heartbeat interval, so a heartbeat falls due in the middle.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
+        let part = |data: &'static str, op, fin| Message::Frame(Frame::message(data, op, fin));
+        ws.send(part("first half, ", OpCode::Data(Data::Text), false))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        ws.send(part("second half", OpCode::Data(Data::Continue), true))
+            .await
+            .unwrap();
+        while ws.next().await.is_some() {}
+    });
+    let proxy = Proxy::start(addr, |c| c.heartbeat.interval = ms(100)).await;
+    let mut client = connect(&proxy.url("/")).await;
+    // tungstenite fails the connection if a data frame interrupts a fragmented message,
+    // so receiving the whole message proves the heartbeat waited.
+    loop {
+        match recv(&mut client).await {
+            Message::Text(t) if t.as_str() == "--heartbeat--" => continue,
+            Message::Text(t) => {
+                assert_eq!(t.as_str(), "first half, second half");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // And a heartbeat follows promptly once the message is complete.
+    assert_eq!(recv(&mut client).await, Message::text("--heartbeat--"));
+}

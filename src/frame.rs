@@ -1,0 +1,665 @@
+//! WebSocket frames on the wire (RFC 6455 §5.2): an incremental parser that validates
+//! every header and hands data-frame bytes to the relay to forward verbatim (no message
+//! reassembly, no copy of a whole message, no buffer while idle), and an encoder for the
+//! frames wsbeat makes itself (heartbeats, PINGs, PONGs, closes).
+
+use bytes::Bytes;
+
+/// Longest frame header: 2 bytes, 8 of extended length, 4 of mask.
+pub const MAX_HEADER: usize = 14;
+/// Longest control-frame payload (RFC 6455 §5.5).
+pub const MAX_CONTROL_PAYLOAD: usize = 125;
+
+pub const OP_CONTINUATION: u8 = 0x0;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
+
+/// Close codes wsbeat sends.
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL_ERROR: u16 = 1011;
+    /// "No status received": a close frame without a code. Never sent on the wire.
+    pub const NO_STATUS: u16 = 1005;
+}
+
+/// Who writes the frames a parser reads: clients must mask them, servers must not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sender {
+    Client,
+    Server,
+}
+
+/// A protocol violation: the close code the offender gets, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Violation {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+fn violation<T>(code: u16, reason: &'static str) -> Result<T, Violation> {
+    Err(Violation { code, reason })
+}
+
+/// Something the relay must act on, reported between forwarded bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A data frame has been forwarded completely; `fin` ends its message.
+    DataFrameEnd {
+        fin: bool,
+    },
+    /// A single-frame text message equal to the heartbeat string: dropped, not forwarded.
+    HeartbeatDropped,
+    Ping(Bytes),
+    Pong(Bytes),
+    /// A close frame: its code (`None` when it had none) and reason.
+    Close(Option<(u16, String)>),
+    /// The peer broke the protocol; nothing more is parsed.
+    Violation(Violation),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Collecting a header into `header`.
+    Header,
+    /// Forwarding a data frame's payload.
+    Forward { remaining: u64, fin: bool },
+    /// Holding a control frame or a possible heartbeat until it is complete.
+    Hold { opcode: u8, len: usize },
+    /// After a violation: nothing more is read.
+    Failed,
+}
+
+/// The incremental frame parser of one leg.
+#[derive(Debug)]
+pub struct Parser {
+    sender: Sender,
+    max_message: u64,
+    /// The client heartbeat to drop (client leg only).
+    heartbeat: Option<Bytes>,
+    header: [u8; MAX_HEADER],
+    header_len: usize,
+    mask: Option<[u8; 4]>,
+    state: State,
+    /// A data message has begun and its final frame has not been seen: its size so far.
+    message: Option<u64>,
+    held: [u8; MAX_CONTROL_PAYLOAD],
+    held_len: usize,
+}
+
+impl Parser {
+    pub fn new(sender: Sender, max_message: u64, heartbeat: Option<Bytes>) -> Self {
+        Parser {
+            sender,
+            max_message,
+            heartbeat,
+            header: [0; MAX_HEADER],
+            header_len: 0,
+            mask: None,
+            state: State::Header,
+            message: None,
+            held: [0; MAX_CONTROL_PAYLOAD],
+            held_len: 0,
+        }
+    }
+
+    /// True while a data frame is being forwarded: frames of wsbeat's own for the
+    /// other leg must wait for its end.
+    pub fn mid_frame(&self) -> bool {
+        matches!(self.state, State::Forward { .. })
+    }
+
+    /// True while a data message is being forwarded: a heartbeat (a data frame itself)
+    /// must wait for its end.
+    pub fn mid_message(&self) -> bool {
+        self.message.is_some() || self.mid_frame()
+    }
+
+    /// Parses `input`, passing data-frame bytes to `forward` (with `true` for the first
+    /// bytes of each frame, its header). Stops after the first event; returns how many
+    /// bytes it consumed and that event.
+    pub fn feed(
+        &mut self,
+        input: &[u8],
+        mut forward: impl FnMut(&[u8], bool),
+    ) -> (usize, Option<Event>) {
+        let mut used = 0;
+        while used < input.len() {
+            let rest = &input[used..];
+            match self.state {
+                State::Failed => return (input.len(), None),
+                State::Header => {
+                    let (n, header_done) = self.take_header(rest);
+                    used += n;
+                    if header_done {
+                        match self.start_frame(&mut forward) {
+                            Ok(Some(event)) => return (used, Some(event)),
+                            Ok(None) => {}
+                            Err(v) => {
+                                self.state = State::Failed;
+                                return (used, Some(Event::Violation(v)));
+                            }
+                        }
+                    }
+                }
+                State::Forward { remaining, fin } => {
+                    let n = rest
+                        .len()
+                        .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+                    forward(&rest[..n], false);
+                    used += n;
+                    let remaining = remaining - n as u64;
+                    if remaining == 0 {
+                        return (used, Some(self.end_data_frame(fin)));
+                    }
+                    self.state = State::Forward { remaining, fin };
+                }
+                State::Hold { opcode, len } => {
+                    let n = rest.len().min(len - self.held_len);
+                    self.held[self.held_len..self.held_len + n].copy_from_slice(&rest[..n]);
+                    self.held_len += n;
+                    used += n;
+                    if self.held_len == len {
+                        let event = self.end_held_frame(opcode, &mut forward);
+                        if let Event::Violation(_) = event {
+                            self.state = State::Failed;
+                        }
+                        return (used, Some(event));
+                    }
+                }
+            }
+        }
+        (used, None)
+    }
+
+    /// Copies header bytes from `input`; returns how many it took and whether the
+    /// header is now complete.
+    fn take_header(&mut self, input: &[u8]) -> (usize, bool) {
+        let mut used = 0;
+        loop {
+            let need = self.header_needed();
+            if self.header_len == need {
+                return (used, true);
+            }
+            if used == input.len() {
+                return (used, false);
+            }
+            let n = (need - self.header_len).min(input.len() - used);
+            self.header[self.header_len..self.header_len + n]
+                .copy_from_slice(&input[used..used + n]);
+            self.header_len += n;
+            used += n;
+        }
+    }
+
+    /// The header's full length, as far as the bytes so far tell.
+    fn header_needed(&self) -> usize {
+        if self.header_len < 2 {
+            return 2;
+        }
+        let ext = match self.header[1] & 0x7F {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        let mask = if self.header[1] & 0x80 != 0 { 4 } else { 0 };
+        2 + ext + mask
+    }
+
+    /// Validates a complete header and sets up the frame's payload state.
+    fn start_frame(
+        &mut self,
+        forward: &mut impl FnMut(&[u8], bool),
+    ) -> Result<Option<Event>, Violation> {
+        use close::{PROTOCOL_ERROR, TOO_BIG};
+        let b0 = self.header[0];
+        let b1 = self.header[1];
+        let fin = b0 & 0x80 != 0;
+        let opcode = b0 & 0x0F;
+        let masked = b1 & 0x80 != 0;
+        if b0 & 0x70 != 0 {
+            return violation(PROTOCOL_ERROR, "reserved bits set without an extension");
+        }
+        let (len, mask_at) = match b1 & 0x7F {
+            126 => (
+                u64::from(u16::from_be_bytes([self.header[2], self.header[3]])),
+                4,
+            ),
+            127 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&self.header[2..10]);
+                (u64::from_be_bytes(b), 10)
+            }
+            n => (u64::from(n), 2),
+        };
+        if len >> 63 != 0 {
+            return violation(PROTOCOL_ERROR, "frame length with the top bit set");
+        }
+        match (self.sender, masked) {
+            (Sender::Client, false) => {
+                return violation(PROTOCOL_ERROR, "unmasked frame from a client")
+            }
+            (Sender::Server, true) => {
+                return violation(PROTOCOL_ERROR, "masked frame from a server")
+            }
+            _ => {}
+        }
+        self.mask = masked.then(|| {
+            let mut m = [0u8; 4];
+            m.copy_from_slice(&self.header[mask_at..mask_at + 4]);
+            m
+        });
+        self.held_len = 0;
+        match opcode {
+            OP_CLOSE | OP_PING | OP_PONG => {
+                if !fin {
+                    return violation(PROTOCOL_ERROR, "fragmented control frame");
+                }
+                if len > MAX_CONTROL_PAYLOAD as u64 {
+                    return violation(PROTOCOL_ERROR, "control frame over 125 bytes");
+                }
+                self.state = State::Hold {
+                    opcode,
+                    len: len as usize,
+                };
+                if len == 0 {
+                    return Ok(Some(self.end_held_frame(opcode, forward)));
+                }
+                Ok(None)
+            }
+            OP_CONTINUATION | OP_TEXT | OP_BINARY => {
+                let so_far = match (opcode, self.message) {
+                    (OP_CONTINUATION, Some(n)) => n,
+                    (OP_CONTINUATION, None) => {
+                        return violation(PROTOCOL_ERROR, "continuation frame outside a message")
+                    }
+                    (_, Some(_)) => {
+                        return violation(PROTOCOL_ERROR, "new message inside a fragmented one")
+                    }
+                    (_, None) => 0,
+                };
+                let total = so_far.saturating_add(len);
+                if total > self.max_message {
+                    return violation(TOO_BIG, "message too big");
+                }
+                self.message = if fin { None } else { Some(total) };
+                let candidate = opcode == OP_TEXT
+                    && fin
+                    && so_far == 0
+                    && self
+                        .heartbeat
+                        .as_ref()
+                        .is_some_and(|h| h.len() as u64 == len);
+                if candidate {
+                    self.state = State::Hold {
+                        opcode,
+                        len: len as usize,
+                    };
+                    if len == 0 {
+                        return Ok(Some(self.end_held_frame(opcode, forward)));
+                    }
+                    return Ok(None);
+                }
+                forward(&self.header[..self.header_len], true);
+                if len == 0 {
+                    return Ok(Some(self.end_data_frame(fin)));
+                }
+                self.state = State::Forward {
+                    remaining: len,
+                    fin,
+                };
+                Ok(None)
+            }
+            _ => violation(PROTOCOL_ERROR, "unknown opcode"),
+        }
+    }
+
+    fn end_data_frame(&mut self, fin: bool) -> Event {
+        self.state = State::Header;
+        self.header_len = 0;
+        Event::DataFrameEnd { fin }
+    }
+
+    /// A held frame is complete: a control frame, or a text frame that may be the
+    /// client's heartbeat.
+    fn end_held_frame(&mut self, opcode: u8, forward: &mut impl FnMut(&[u8], bool)) -> Event {
+        self.state = State::Header;
+        let header_len = std::mem::take(&mut self.header_len);
+        let len = self.held_len;
+        if opcode == OP_TEXT {
+            let mut plain = self.held;
+            if let Some(mask) = self.mask {
+                apply_mask(&mut plain[..len], mask, 0);
+            }
+            if self.heartbeat.as_deref() == Some(&plain[..len]) {
+                return Event::HeartbeatDropped;
+            }
+            // Not the heartbeat: forward it as it came.
+            forward(&self.header[..header_len], true);
+            forward(&self.held[..len], false);
+            return Event::DataFrameEnd { fin: true };
+        }
+        if let Some(mask) = self.mask {
+            apply_mask(&mut self.held[..len], mask, 0);
+        }
+        let payload = &self.held[..len];
+        match opcode {
+            OP_PING => Event::Ping(Bytes::copy_from_slice(payload)),
+            OP_PONG => Event::Pong(Bytes::copy_from_slice(payload)),
+            _ => match parse_close(payload) {
+                Ok(close) => Event::Close(close),
+                Err(v) => Event::Violation(v),
+            },
+        }
+    }
+}
+
+/// A close frame's payload: nothing, or a valid code and a UTF-8 reason.
+fn parse_close(payload: &[u8]) -> Result<Option<(u16, String)>, Violation> {
+    match payload {
+        [] => Ok(None),
+        [_] => violation(close::PROTOCOL_ERROR, "close frame with a 1-byte payload"),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !close_code_allowed(code) {
+                return violation(close::PROTOCOL_ERROR, "invalid close code");
+            }
+            match std::str::from_utf8(reason) {
+                Ok(r) => Ok(Some((code, r.to_owned()))),
+                Err(_) => violation(close::INVALID_PAYLOAD, "close reason is not UTF-8"),
+            }
+        }
+    }
+}
+
+/// Codes a peer may send (RFC 6455 §7.4, IANA registry): 1005, 1006 and 1015 are for
+/// reporting only, 1004 and 1016–2999 are reserved.
+pub fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// XORs `data` with `mask`, starting at byte `offset` of the mask cycle.
+pub fn apply_mask(data: &mut [u8], mask: [u8; 4], offset: usize) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b ^= mask[(offset + i) & 3];
+    }
+}
+
+/// Appends one complete frame (FIN set) to `out`, masked when `mask` is given.
+pub fn encode(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) {
+    out.push(0x80 | opcode);
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(mask_bit | n as u8),
+        n if n <= 0xFFFF => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let start = out.len();
+    if let Some(m) = mask {
+        out.extend_from_slice(&m);
+    }
+    let payload_at = out.len();
+    out.extend_from_slice(payload);
+    if let Some(m) = mask {
+        apply_mask(&mut out[payload_at..], m, 0);
+    }
+    debug_assert!(out.len() >= start);
+}
+
+/// A close frame's payload: the code and a reason cut to fit in 125 bytes on a UTF-8
+/// boundary. Code 1005 means "no code": an empty payload.
+pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+    if code == close::NO_STATUS {
+        return Vec::new();
+    }
+    let mut cut = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut p = Vec::with_capacity(2 + cut);
+    p.extend_from_slice(&code.to_be_bytes());
+    p.extend_from_slice(&reason.as_bytes()[..cut]);
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MASK: [u8; 4] = [1, 2, 3, 4];
+
+    /// Feeds `input` in pieces of `step` bytes; returns what was forwarded and the events.
+    fn run(p: &mut Parser, input: &[u8], step: usize) -> (Vec<u8>, Vec<Event>) {
+        let mut forwarded = Vec::new();
+        let mut events = Vec::new();
+        for chunk in input.chunks(step.max(1)) {
+            let mut rest = chunk;
+            while !rest.is_empty() {
+                let (n, ev) = p.feed(rest, |b, _| forwarded.extend_from_slice(b));
+                rest = &rest[n..];
+                events.extend(ev);
+            }
+        }
+        (forwarded, events)
+    }
+
+    fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        encode(&mut f, opcode, payload, Some(MASK));
+        if !fin {
+            f[0] &= 0x7F;
+        }
+        f
+    }
+
+    fn client_parser() -> Parser {
+        Parser::new(
+            Sender::Client,
+            1 << 20,
+            Some(Bytes::from_static(b"--heartbeat--")),
+        )
+    }
+
+    #[test]
+    fn data_frames_are_forwarded_verbatim_at_any_chunking() {
+        let mut input = client_frame(OP_TEXT, true, b"hello");
+        input.extend(client_frame(OP_BINARY, true, &[9u8; 300]));
+        input.extend(client_frame(OP_BINARY, true, &vec![7u8; 70_000]));
+        for step in [1, 2, 3, 7, 100, 1 << 20] {
+            let (fwd, events) = run(&mut client_parser(), &input, step);
+            assert_eq!(fwd, input, "step {step}");
+            assert_eq!(
+                events,
+                vec![Event::DataFrameEnd { fin: true }; 3],
+                "step {step}"
+            );
+        }
+    }
+
+    #[test]
+    fn fragmented_messages_pass_with_control_frames_between() {
+        let mut input = client_frame(OP_TEXT, false, b"he");
+        input.extend(client_frame(OP_PING, true, b"p"));
+        input.extend(client_frame(OP_CONTINUATION, true, b"llo"));
+        let mut p = client_parser();
+        let (fwd, events) = run(&mut p, &input, 5);
+        let mut expected = client_frame(OP_TEXT, false, b"he");
+        expected.extend(client_frame(OP_CONTINUATION, true, b"llo"));
+        assert_eq!(fwd, expected);
+        assert_eq!(
+            events,
+            vec![
+                Event::DataFrameEnd { fin: false },
+                Event::Ping(Bytes::from_static(b"p")),
+                Event::DataFrameEnd { fin: true }
+            ]
+        );
+        assert!(!p.mid_message());
+    }
+
+    #[test]
+    fn the_exact_heartbeat_is_dropped_and_near_misses_forwarded() {
+        let hb = client_frame(OP_TEXT, true, b"--heartbeat--");
+        let near = client_frame(OP_TEXT, true, b"--heartbeat-!");
+        let binary = client_frame(OP_BINARY, true, b"--heartbeat--");
+        let mut input = hb.clone();
+        input.extend(&near);
+        input.extend(&binary);
+        let (fwd, events) = run(&mut client_parser(), &input, 4);
+        let mut expected = near.clone();
+        expected.extend(&binary);
+        assert_eq!(fwd, expected);
+        assert_eq!(
+            events,
+            vec![
+                Event::HeartbeatDropped,
+                Event::DataFrameEnd { fin: true },
+                Event::DataFrameEnd { fin: true }
+            ]
+        );
+    }
+
+    #[test]
+    fn close_frames_are_parsed_and_checked() {
+        let mut p = client_parser();
+        let f = client_frame(OP_CLOSE, true, &close_payload(4000, "bye"));
+        assert_eq!(
+            run(&mut p, &f, 3).1,
+            vec![Event::Close(Some((4000, "bye".into())))]
+        );
+        let f = client_frame(OP_CLOSE, true, b"");
+        assert_eq!(run(&mut client_parser(), &f, 3).1, vec![Event::Close(None)]);
+        for (payload, code) in [
+            (vec![3u8], close::PROTOCOL_ERROR),
+            (1005u16.to_be_bytes().to_vec(), close::PROTOCOL_ERROR),
+            (999u16.to_be_bytes().to_vec(), close::PROTOCOL_ERROR),
+            (
+                [&1000u16.to_be_bytes()[..], &[0xff, 0xfe]].concat(),
+                close::INVALID_PAYLOAD,
+            ),
+        ] {
+            let f = client_frame(OP_CLOSE, true, &payload);
+            match &run(&mut client_parser(), &f, 100).1[..] {
+                [Event::Violation(v)] => assert_eq!(v.code, code, "{payload:?}"),
+                other => panic!("{payload:?}: {other:?}"),
+            }
+        }
+    }
+
+    fn violation_of(p: &mut Parser, input: &[u8]) -> Violation {
+        match run(p, input, 100).1.last() {
+            Some(Event::Violation(v)) => *v,
+            other => panic!("expected a violation, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn protocol_violations_are_reported_with_their_close_code() {
+        let mut rsv = client_frame(OP_TEXT, true, b"x");
+        rsv[0] |= 0x40;
+        assert_eq!(
+            violation_of(&mut client_parser(), &rsv).code,
+            close::PROTOCOL_ERROR
+        );
+        let unknown = client_frame(0x3, true, b"x");
+        assert_eq!(
+            violation_of(&mut client_parser(), &unknown).code,
+            close::PROTOCOL_ERROR
+        );
+        let mut unmasked = Vec::new();
+        encode(&mut unmasked, OP_TEXT, b"x", None);
+        assert_eq!(
+            violation_of(&mut client_parser(), &unmasked).reason,
+            "unmasked frame from a client"
+        );
+        let mut server = Parser::new(Sender::Server, 1 << 20, None);
+        let masked = client_frame(OP_TEXT, true, b"x");
+        assert_eq!(
+            violation_of(&mut server, &masked).reason,
+            "masked frame from a server"
+        );
+        let big_ping = client_frame(OP_PING, true, &[0u8; 126]);
+        assert_eq!(
+            violation_of(&mut client_parser(), &big_ping).code,
+            close::PROTOCOL_ERROR
+        );
+        let frag_ping = client_frame(OP_PING, false, b"");
+        assert_eq!(
+            violation_of(&mut client_parser(), &frag_ping).code,
+            close::PROTOCOL_ERROR
+        );
+        let cont = client_frame(OP_CONTINUATION, true, b"x");
+        assert_eq!(
+            violation_of(&mut client_parser(), &cont).code,
+            close::PROTOCOL_ERROR
+        );
+        let mut nested = client_frame(OP_TEXT, false, b"a");
+        nested.extend(client_frame(OP_TEXT, true, b"b"));
+        assert_eq!(
+            violation_of(&mut client_parser(), &nested).code,
+            close::PROTOCOL_ERROR
+        );
+    }
+
+    #[test]
+    fn messages_over_the_limit_are_1009_before_any_byte_of_the_frame_is_forwarded() {
+        let mut p = Parser::new(Sender::Client, 10, None);
+        let mut input = client_frame(OP_BINARY, false, &[1u8; 6]);
+        input.extend(client_frame(OP_CONTINUATION, true, &[1u8; 5]));
+        let (fwd, events) = run(&mut p, &input, 100);
+        assert_eq!(fwd, client_frame(OP_BINARY, false, &[1u8; 6]));
+        assert_eq!(
+            events.last(),
+            Some(&Event::Violation(Violation {
+                code: 1009,
+                reason: "message too big"
+            }))
+        );
+    }
+
+    #[test]
+    fn nothing_is_parsed_after_a_violation() {
+        let mut p = client_parser();
+        let mut input = client_frame(0x3, true, b"x");
+        input.extend(client_frame(OP_TEXT, true, b"after"));
+        let (fwd, events) = run(&mut p, &input, 100);
+        assert!(fwd.is_empty());
+        assert_eq!(events.len(), 1);
+    }
+
+    #[test]
+    fn encode_masks_and_uses_extended_lengths() {
+        for len in [0usize, 125, 126, 65535, 65536] {
+            let payload = vec![0xAB; len];
+            let mut f = Vec::new();
+            encode(&mut f, OP_BINARY, &payload, Some(MASK));
+            let (fwd, events) = run(&mut client_parser(), &f, 1000);
+            assert_eq!(fwd, f);
+            assert_eq!(events, vec![Event::DataFrameEnd { fin: true }]);
+            let mut s = Vec::new();
+            encode(&mut s, OP_BINARY, &payload, None);
+            let mut server = Parser::new(Sender::Server, 1 << 20, None);
+            assert_eq!(run(&mut server, &s, 1000).0, s);
+        }
+    }
+
+    #[test]
+    fn close_payload_cuts_long_reasons_on_a_char_boundary() {
+        let p = close_payload(1001, &"é".repeat(100));
+        assert!(p.len() <= MAX_CONTROL_PAYLOAD);
+        assert!(std::str::from_utf8(&p[2..]).is_ok());
+        assert!(close_payload(close::NO_STATUS, "x").is_empty());
+    }
+}

@@ -35,6 +35,10 @@ const READ_CHUNK: usize = 32 * 1024;
 /// A peer that has this many bytes of wsbeat's own frames (PONGs) waiting is not read
 /// until it takes them: a PING flood from a peer that does not read cannot grow memory.
 const OWN_FRAMES_LIMIT: usize = 8 * 1024;
+/// Timer deadlines are rounded up to this grid, so that the timers of many idle
+/// connections fire in one wake-up of the runtime instead of one each: heartbeats may
+/// be this much later than due, in exchange for a fraction of the CPU per heartbeat.
+const TIMER_GRANULARITY: Duration = Duration::from_millis(10);
 /// An output buffer larger than this is freed once written, so a connection that
 /// carried one large burst does not keep its memory while idle.
 const KEEP_CAPACITY: usize = 1024;
@@ -227,6 +231,16 @@ impl Side {
     }
 }
 
+/// Rounds `t` up to the next multiple of `TIMER_GRANULARITY` since a process-wide epoch.
+fn on_grid(t: Instant) -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let grid = TIMER_GRANULARITY.as_nanos();
+    let since = t.saturating_duration_since(epoch).as_nanos();
+    let rounded = since.div_ceil(grid) * grid;
+    epoch + Duration::from_nanos(u64::try_from(rounded).unwrap_or(u64::MAX))
+}
+
 /// What `poll_event` saw.
 enum Event {
     /// Bytes were read and processed.
@@ -380,8 +394,12 @@ where
         }
     }
 
-    /// The earliest instant at which the timer must fire.
+    /// The earliest instant at which the timer must fire, on the shared timer grid.
     fn deadline(&self) -> Instant {
+        on_grid(self.exact_deadline())
+    }
+
+    fn exact_deadline(&self) -> Instant {
         let mut d = match &self.closing {
             Some(c) => c.deadline,
             None => self

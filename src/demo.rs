@@ -66,6 +66,6 @@ pub async fn run(
         hb = config.heartbeat.message.as_deref().unwrap_or(""),
         interval = config.heartbeat.interval,
     );
-    crate::serve(Arc::new(config), listener, shutdown).await;
+    crate::serve(Arc::new(config), listener, None, shutdown).await;
     Ok(())
 }

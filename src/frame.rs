@@ -50,9 +50,11 @@ fn violation<T>(code: u16, reason: &'static str) -> Result<T, Violation> {
 /// Something the relay must act on, reported between forwarded bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// A data frame has been forwarded completely; `fin` ends its message.
+    /// A data frame has been forwarded completely; `fin` ends its message, `text` says
+    /// whether the message is text (else binary).
     DataFrameEnd {
         fin: bool,
+        text: bool,
     },
     /// A single-frame text message equal to the heartbeat string: dropped, not forwarded.
     HeartbeatDropped,
@@ -89,6 +91,8 @@ pub struct Parser {
     state: State,
     /// A data message has begun and its final frame has not been seen: its size so far.
     message: Option<u64>,
+    /// The message being read (or last read) is text.
+    message_text: bool,
     held: [u8; MAX_CONTROL_PAYLOAD],
     held_len: usize,
 }
@@ -104,6 +108,7 @@ impl Parser {
             mask: None,
             state: State::Header,
             message: None,
+            message_text: false,
             held: [0; MAX_CONTROL_PAYLOAD],
             held_len: 0,
         }
@@ -289,6 +294,9 @@ impl Parser {
                     return violation(TOO_BIG, "message too big");
                 }
                 self.message = if fin { None } else { Some(total) };
+                if opcode != OP_CONTINUATION {
+                    self.message_text = opcode == OP_TEXT;
+                }
                 let candidate = opcode == OP_TEXT
                     && fin
                     && so_far == 0
@@ -323,7 +331,10 @@ impl Parser {
     fn end_data_frame(&mut self, fin: bool) -> Event {
         self.state = State::Header;
         self.header_len = 0;
-        Event::DataFrameEnd { fin }
+        Event::DataFrameEnd {
+            fin,
+            text: self.message_text,
+        }
     }
 
     /// A held frame is complete: a control frame, or a text frame that may be the
@@ -343,7 +354,10 @@ impl Parser {
             // Not the heartbeat: forward it as it came.
             forward(&self.header[..header_len], true);
             forward(&self.held[..len], false);
-            return Event::DataFrameEnd { fin: true };
+            return Event::DataFrameEnd {
+                fin: true,
+                text: true,
+            };
         }
         if let Some(mask) = self.mask {
             apply_mask(&mut self.held[..len], mask, 0);
@@ -482,7 +496,20 @@ mod tests {
             assert_eq!(fwd, input, "step {step}");
             assert_eq!(
                 events,
-                vec![Event::DataFrameEnd { fin: true }; 3],
+                vec![
+                    Event::DataFrameEnd {
+                        fin: true,
+                        text: true
+                    },
+                    Event::DataFrameEnd {
+                        fin: true,
+                        text: false
+                    },
+                    Event::DataFrameEnd {
+                        fin: true,
+                        text: false
+                    }
+                ],
                 "step {step}"
             );
         }
@@ -501,9 +528,15 @@ mod tests {
         assert_eq!(
             events,
             vec![
-                Event::DataFrameEnd { fin: false },
+                Event::DataFrameEnd {
+                    fin: false,
+                    text: true
+                },
                 Event::Ping(Bytes::from_static(b"p")),
-                Event::DataFrameEnd { fin: true }
+                Event::DataFrameEnd {
+                    fin: true,
+                    text: true
+                }
             ]
         );
         assert!(!p.mid_message());
@@ -525,8 +558,14 @@ mod tests {
             events,
             vec![
                 Event::HeartbeatDropped,
-                Event::DataFrameEnd { fin: true },
-                Event::DataFrameEnd { fin: true }
+                Event::DataFrameEnd {
+                    fin: true,
+                    text: true
+                },
+                Event::DataFrameEnd {
+                    fin: true,
+                    text: false
+                }
             ]
         );
     }
@@ -647,7 +686,13 @@ mod tests {
             encode(&mut f, OP_BINARY, &payload, Some(MASK));
             let (fwd, events) = run(&mut client_parser(), &f, 1000);
             assert_eq!(fwd, f);
-            assert_eq!(events, vec![Event::DataFrameEnd { fin: true }]);
+            assert_eq!(
+                events,
+                vec![Event::DataFrameEnd {
+                    fin: true,
+                    text: false
+                }]
+            );
             let mut s = Vec::new();
             encode(&mut s, OP_BINARY, &payload, None);
             let mut server = Parser::new(Sender::Server, 1 << 20, None);

@@ -8,14 +8,18 @@
 //! - [`relay`]: the per-connection loop that holds both sockets.
 //! - [`frame`]: WebSocket frames on the wire: the validating parser and the encoder.
 //! - [`heartbeat`]: the heartbeat and liveness state machine (pure, no I/O).
+//! - [`metrics`]: the Prometheus families and the live-connection views.
+//! - [`admin`]: `/metrics`, `/livez`, `/readyz`, `/connections` on their own listener.
 //! - [`shutdown`]: signals and the drain with a deadline.
 //! - [`demo`]: the embedded echo backend behind `wsbeat demo`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod frame;
 pub mod heartbeat;
+pub mod metrics;
 pub mod relay;
 pub mod server;
 pub mod shutdown;
@@ -23,6 +27,7 @@ pub mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -41,10 +46,14 @@ pub enum Error {
     },
 }
 
-/// Binds the configured listener and serves until `shutdown` resolves, then drains.
+/// Binds the configured listeners and serves until `shutdown` resolves, then drains.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let listener = bind(config.listen).await?;
-    serve(Arc::new(config), listener, shutdown).await;
+    let admin = match config.admin.listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    serve(Arc::new(config), listener, admin, shutdown).await;
     Ok(())
 }
 
@@ -58,18 +67,39 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 /// Serves on an already bound listener until `shutdown` resolves; then stops accepting,
 /// closes every WebSocket with 1001 on both legs and waits for them at most
 /// `shutdown.drain_timeout`.
-pub async fn serve(config: Arc<Config>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+pub async fn serve(
+    config: Arc<Config>,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "listening");
     }
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
     let drain_timeout = config.shutdown.drain_timeout.0;
-    let proxy = Arc::new(server::Proxy::new(config, token.clone(), tracker.clone()));
+    let metrics = metrics::Metrics::new(&config.routes(), config.metrics.per_connection);
+    let ready = Arc::new(AtomicBool::new(true));
+    // The admin listener is not tracked: it serves until the process exits.
+    let admin = admin.map(|listener| {
+        let state = Arc::new(admin::Admin {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        });
+        AbortOnDrop(tokio::spawn(admin::serve(listener, state)))
+    });
+    let proxy = Arc::new(server::Proxy::new(
+        config,
+        metrics,
+        token.clone(),
+        tracker.clone(),
+    ));
     tokio::select! {
         _ = proxy.serve(listener) => {}
         _ = shutdown => {}
     }
+    ready.store(false, Ordering::Relaxed);
     // The listener is dropped here: no new connections.
     tracing::info!(connections = tracker.len(), "draining");
     if shutdown::drain(&token, &tracker, drain_timeout).await {
@@ -79,5 +109,16 @@ pub async fn serve(config: Arc<Config>, listener: TcpListener, shutdown: impl Fu
             remaining = tracker.len(),
             "drain timeout reached: exiting anyway"
         );
+    }
+    drop(admin);
+}
+
+/// Stops a spawned task when dropped (the admin server when `serve` returns, or when its
+/// future is dropped).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -15,6 +15,7 @@ use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Route;
 use crate::frame::{self, close, encode, Event as FrameEvent, Parser, Sender, Violation};
 use crate::heartbeat::{Action, Heartbeat, Schedule};
+use crate::metrics::{ConnMetrics, ConnectionView};
 
 /// After wsbeat sends a close frame (or decides a peer is dead), how long it waits for
 /// the close handshake to finish before it drops the sockets.
@@ -102,21 +104,6 @@ impl fmt::Display for Outcome {
     }
 }
 
-/// Counters of one connection, kept by the relay, reported when it ends.
-#[derive(Debug, Default, Clone)]
-pub struct Stats {
-    pub heartbeats_sent: u64,
-    pub client_heartbeats_dropped: u64,
-    pub pings_sent: u64,
-    pub pongs_received: u64,
-    pub messages_to_client: u64,
-    pub messages_to_upstream: u64,
-    /// Payload bytes forwarded (frame headers not counted).
-    pub bytes_to_client: u64,
-    pub bytes_to_upstream: u64,
-    pub last_pong_rtt: Option<Duration>,
-}
-
 /// What the relay reports when the connection is over.
 #[derive(Debug, Clone)]
 pub struct Summary {
@@ -124,12 +111,15 @@ pub struct Summary {
     /// The close code sent to (or first received from) each leg, when there was one.
     pub client_close_code: Option<u16>,
     pub upstream_close_code: Option<u16>,
-    pub stats: Stats,
 }
 
 /// What one connection needs besides its two sockets.
 pub struct RelayContext {
     pub route: Arc<Route>,
+    /// Metric handles resolved once for the route.
+    pub metrics: ConnMetrics,
+    /// The shared view behind `/connections`.
+    pub view: Arc<ConnectionView>,
     pub max_message_size: u64,
     pub write_timeout: Duration,
     pub shutdown: CancellationToken,
@@ -231,6 +221,14 @@ impl Side {
     }
 }
 
+/// Index of a leg in `ConnMetrics`' per-leg arrays.
+fn leg_index(leg: LegKind) -> usize {
+    match leg {
+        LegKind::Client => 0,
+        LegKind::Upstream => 1,
+    }
+}
+
 /// Rounds `t` up to the next multiple of `TIMER_GRANULARITY` since a process-wide epoch.
 fn on_grid(t: Instant) -> Instant {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -301,7 +299,6 @@ where
         ),
         heartbeat: Heartbeat::new(Schedule::for_route(&ctx.route), ctx.started),
         closing: None,
-        stats: Stats::default(),
         client_first: true,
         ctx,
     });
@@ -325,7 +322,6 @@ struct Relay<C, U> {
     upstream: Side,
     heartbeat: Heartbeat,
     closing: Option<Closing>,
-    stats: Stats,
     /// Alternates which leg is read first, so a busy leg cannot starve the other.
     client_first: bool,
     ctx: RelayContext,
@@ -375,7 +371,6 @@ where
             outcome: self.closing.map_or(Outcome::Error, |c| c.outcome),
             client_close_code: self.client.close_code,
             upstream_close_code: self.upstream.close_code,
-            stats: self.stats,
         }
     }
 
@@ -480,17 +475,21 @@ where
             && (dst.out.is_empty() || !dst.writable || dropping)
     }
 
-    /// Parses bytes read from `leg`, forwarding data frames to the other leg.
+    /// Parses bytes read from `leg`, forwarding data frames to the other leg. Counters
+    /// are added up here and published once per read, not once per message.
     fn process(&mut self, leg: LegKind, mut data: &[u8]) {
         let now = Instant::now();
         match leg {
             LegKind::Client => {
-                self.heartbeat.on_client_frame(now);
+                let gap = self.heartbeat.on_client_frame(now);
+                self.ctx.metrics.client_silence.observe(gap.as_secs_f64());
+                self.ctx.view.client_frame_at(now);
             }
             LegKind::Upstream => self.heartbeat.on_upstream_frame(now),
         }
         let closing = self.closing.is_some();
         let mut payload_bytes = 0u64;
+        let mut messages = [0u64; 2]; // text, binary
         while !data.is_empty() {
             let (src, dst) = self.sides(leg);
             let dst_open = dst.writable && !dst.close_sent && !closing;
@@ -507,57 +506,92 @@ where
                 }
             });
             data = &data[used..];
-            if let Some(event) = event {
-                self.on_frame_event(leg, event, now);
+            match event {
+                Some(FrameEvent::DataFrameEnd { fin, text }) => {
+                    if fin && self.side(leg).passing {
+                        messages[usize::from(!text)] += 1;
+                    }
+                    self.on_data_frame_end(leg, fin, now);
+                }
+                Some(event) => self.on_frame_event(leg, event, now),
+                None => {}
             }
             if !self.side(leg).readable {
                 break;
             }
         }
-        match leg {
-            LegKind::Client => self.stats.bytes_to_upstream += payload_bytes,
-            LegKind::Upstream => self.stats.bytes_to_client += payload_bytes,
+        let (bytes_metric, bytes_view, messages_metric, messages_view) = match leg {
+            LegKind::Client => (
+                &self.ctx.metrics.bytes_to_upstream,
+                &self.ctx.view.bytes_to_upstream,
+                &self.ctx.metrics.messages_to_upstream,
+                &self.ctx.view.messages_to_upstream,
+            ),
+            LegKind::Upstream => (
+                &self.ctx.metrics.bytes_to_client,
+                &self.ctx.view.bytes_to_client,
+                &self.ctx.metrics.messages_to_client,
+                &self.ctx.view.messages_to_client,
+            ),
+        };
+        if payload_bytes > 0 {
+            bytes_metric.inc_by(payload_bytes);
+            bytes_view.fetch_add(payload_bytes, Ordering::Relaxed);
+        }
+        for (kind, n) in messages.into_iter().enumerate() {
+            if n > 0 {
+                messages_metric[kind].inc_by(n);
+                messages_view.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A data frame from `leg` has been forwarded (or dropped) completely.
+    fn on_data_frame_end(&mut self, leg: LegKind, fin: bool, now: Instant) {
+        let (src, dst) = self.sides(leg);
+        let forwarded = src.passing;
+        // The frame into `dst` is complete: its waiting frames may follow.
+        if !dst.deferred.is_empty() {
+            let mut deferred = std::mem::take(&mut dst.deferred);
+            dst.out.append(&mut deferred);
+        }
+        if fin && leg == LegKind::Upstream {
+            if forwarded {
+                self.heartbeat.on_sent_to_client(now);
+            }
+            if self.client.heartbeat_waiting {
+                self.client.heartbeat_waiting = false;
+                self.send_heartbeat();
+            }
         }
     }
 
     fn on_frame_event(&mut self, leg: LegKind, event: FrameEvent, now: Instant) {
         match event {
-            FrameEvent::DataFrameEnd { fin } => {
-                let (src, dst) = self.sides(leg);
-                let forwarded = src.passing;
-                // The frame into `dst` is complete: its waiting frames may follow.
-                if !dst.deferred.is_empty() {
-                    let mut deferred = std::mem::take(&mut dst.deferred);
-                    dst.out.append(&mut deferred);
-                }
-                if fin && forwarded {
-                    match leg {
-                        LegKind::Client => self.stats.messages_to_upstream += 1,
-                        LegKind::Upstream => {
-                            self.stats.messages_to_client += 1;
-                            self.heartbeat.on_sent_to_client(now);
-                        }
-                    }
-                }
-                if fin && leg == LegKind::Upstream && self.client.heartbeat_waiting {
-                    self.client.heartbeat_waiting = false;
-                    self.send_heartbeat();
-                }
+            FrameEvent::DataFrameEnd { fin, .. } => self.on_data_frame_end(leg, fin, now),
+            FrameEvent::HeartbeatDropped => {
+                self.ctx.metrics.client_heartbeats_dropped.inc();
+                self.ctx
+                    .view
+                    .client_heartbeats_dropped
+                    .fetch_add(1, Ordering::Relaxed);
             }
-            FrameEvent::HeartbeatDropped => self.stats.client_heartbeats_dropped += 1,
             // PING/PONG are hop-by-hop: answered here, never forwarded.
             FrameEvent::Ping(payload) => self.send_own(leg, frame::OP_PONG, &payload),
-            FrameEvent::Pong(payload) => match leg {
-                LegKind::Client => {
-                    self.stats.pongs_received += 1;
-                    if let Some(rtt) = self.heartbeat.on_pong(&payload, now) {
-                        self.stats.last_pong_rtt = Some(rtt);
+            FrameEvent::Pong(payload) => {
+                let i = leg_index(leg);
+                self.ctx.metrics.pongs_received[i].inc();
+                let rtt = match leg {
+                    LegKind::Client => self.heartbeat.on_pong(&payload, now),
+                    LegKind::Upstream => self.heartbeat.on_upstream_pong(&payload, now),
+                };
+                if let Some(rtt) = rtt {
+                    self.ctx.metrics.pong_rtt[i].observe(rtt.as_secs_f64());
+                    if leg == LegKind::Client {
+                        self.ctx.view.set_pong_rtt(rtt);
                     }
                 }
-                LegKind::Upstream => {
-                    let _ = self.heartbeat.on_upstream_pong(&payload, now);
-                }
-            },
+            }
             FrameEvent::Close(frame) => self.on_close_frame(leg, frame, now),
             FrameEvent::Violation(v) => self.on_violation(leg, v, now),
         }
@@ -604,7 +638,11 @@ where
             return;
         }
         self.send_own(LegKind::Client, frame::OP_TEXT, message.as_bytes());
-        self.stats.heartbeats_sent += 1;
+        self.ctx.metrics.heartbeats_sent.inc();
+        self.ctx
+            .view
+            .heartbeats_sent
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     fn on_close_frame(&mut self, leg: LegKind, frame: Option<(u16, String)>, now: Instant) {
@@ -619,6 +657,11 @@ where
         // The peer started the close: echo it, and pass it on with its code and reason.
         self.send_own(leg, frame::OP_CLOSE, &frame::close_payload(code, &reason));
         self.send_close(leg.other(), code, &reason);
+        let forwarded = match leg {
+            LegKind::Client => &self.ctx.metrics.messages_to_upstream,
+            LegKind::Upstream => &self.ctx.metrics.messages_to_client,
+        };
+        forwarded[2].inc();
         let outcome = match leg {
             LegKind::Client => Outcome::ClientClose,
             LegKind::Upstream => Outcome::UpstreamClose,
@@ -747,13 +790,15 @@ where
                 Action::Idle => break,
                 Action::SendHeartbeat => self.send_heartbeat(),
                 Action::PingClient(payload) => {
-                    self.stats.pings_sent += 1;
+                    self.ctx.metrics.pings_sent[0].inc();
                     self.send_own(LegKind::Client, frame::OP_PING, &payload);
                 }
                 Action::PingUpstream(payload) => {
+                    self.ctx.metrics.pings_sent[1].inc();
                     self.send_own(LegKind::Upstream, frame::OP_PING, &payload);
                 }
                 Action::ClientDead => {
+                    self.ctx.metrics.liveness_timeouts[0].inc();
                     // The backend frees its resources first; the client gets a close it
                     // will probably never read, and CLOSE_GRACE later the socket is gone.
                     self.send_close(LegKind::Upstream, close::GOING_AWAY, "client unresponsive");
@@ -762,6 +807,7 @@ where
                     break;
                 }
                 Action::UpstreamDead => {
+                    self.ctx.metrics.liveness_timeouts[1].inc();
                     self.send_close(LegKind::Upstream, close::GOING_AWAY, "no answer to pings");
                     self.send_close(
                         LegKind::Client,

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Route, Routes};
+use crate::metrics::{ConnectionView, Metrics};
 use crate::relay::{self, RelayContext};
 use crate::upstream::{self, header_tokens, ClientInfo, Dialed};
 
@@ -40,6 +41,7 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 pub struct Proxy {
     pub config: Arc<Config>,
     routes: Routes,
+    metrics: Arc<Metrics>,
     /// One permit per proxied WebSocket: `limits.max_connections`.
     connections: Arc<Semaphore>,
     shutdown: CancellationToken,
@@ -48,8 +50,14 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: Arc<Config>, shutdown: CancellationToken, tracker: TaskTracker) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
         Proxy {
+            metrics,
             routes: config.routes(),
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             config,
@@ -109,24 +117,38 @@ impl Proxy {
         req: Request<Incoming>,
         info: ClientInfo,
     ) -> Result<Response<Body>, Infallible> {
+        let route = self.routes.resolve(req.uri().path()).clone();
+        let response = self.clone().respond(req, info, route.clone()).await;
+        self.metrics
+            .http_requests
+            .with_label_values(&[&route.name, response.status().as_str()])
+            .inc();
+        Ok(response)
+    }
+
+    async fn respond(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        info: ClientInfo,
+        route: Arc<Route>,
+    ) -> Response<Body> {
         if !is_upgrade_request(req.headers()) {
-            return Ok(text(
+            return text(
                 StatusCode::NOT_IMPLEMENTED,
                 "wsbeat: only WebSocket upgrades are proxied (plain HTTP pass-through is not implemented yet)",
-            ));
+            );
         }
         if let Err(rejection) = check_handshake(&req) {
-            return Ok(rejection);
+            return rejection;
         }
-        let route = self.routes.resolve(req.uri().path()).clone();
         let Ok(permit) = self.connections.clone().try_acquire_owned() else {
             tracing::warn!(client = %info.addr, "max_connections reached: refusing a WebSocket");
-            return Ok(text(
+            return text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "wsbeat: too many connections",
-            ));
+            );
         };
-        Ok(self.proxy_websocket(req, info, route, permit).await)
+        self.proxy_websocket(req, info, route, permit).await
     }
 
     async fn proxy_websocket(
@@ -139,19 +161,33 @@ impl Proxy {
         let client_upgrade = hyper::upgrade::on(&mut req);
         let (parts, _body) = req.into_parts();
         let dialed = upstream::dial(&route.upstream, &parts, info).await;
+        let errors = |reason: &str| {
+            self.metrics
+                .upstream_errors
+                .with_label_values(&[&route.name, reason])
+                .inc()
+        };
         let (upstream_socket, protocol, upstream_headers) = match dialed {
             Ok(Dialed::Accepted {
                 socket,
                 protocol,
                 headers,
-                ..
-            }) => (socket, protocol, headers),
+                connect_time,
+            }) => {
+                self.metrics
+                    .upstream_connect
+                    .with_label_values(&[&route.name])
+                    .observe(connect_time.as_secs_f64());
+                (socket, protocol, headers)
+            }
             Ok(Dialed::Refused(response)) => {
+                errors("refused");
                 tracing::debug!(route = %route.name, status = %response.status(), "upstream refused the WebSocket");
                 return refused(response, route.upstream.connect_timeout.0).await;
             }
             Err(e) => {
-                let (status, _reason) = e.status_and_reason();
+                let (status, reason) = e.status_and_reason();
+                errors(reason);
                 tracing::warn!(route = %route.name, error = %e, "upstream handshake failed");
                 return text(status, &format!("wsbeat: {e}"));
             }
@@ -189,7 +225,17 @@ impl Proxy {
                 }
             };
             let started = tokio::time::Instant::now();
+            let view = Arc::new(ConnectionView::new(
+                id,
+                info.addr,
+                &route.name,
+                route.upstream.url.to_string(),
+                started,
+            ));
+            proxy.metrics.open(view.clone());
             let ctx = RelayContext {
+                metrics: proxy.metrics.for_route(&route.name),
+                view: view.clone(),
                 route: route.clone(),
                 max_message_size: proxy.config.limits.max_message_size.0,
                 write_timeout: proxy.config.limits.write_timeout.0,
@@ -197,6 +243,7 @@ impl Proxy {
                 started,
             };
             let summary = relay::run(client, *upstream_socket, ctx).await;
+            proxy.metrics.close(&view, &summary);
             tracing::info!(
                 id,
                 client = %info.addr,
@@ -205,8 +252,8 @@ impl Proxy {
                 outcome = %summary.outcome,
                 client_close = ?summary.client_close_code,
                 upstream_close = ?summary.upstream_close_code,
-                heartbeats_sent = summary.stats.heartbeats_sent,
-                last_rtt_ms = ?summary.stats.last_pong_rtt.map(|d| d.as_secs_f64() * 1e3),
+                heartbeats_sent = view.heartbeats_sent.load(std::sync::atomic::Ordering::Relaxed),
+                last_rtt_ms = ?view.last_pong_rtt().map(|d| d.as_secs_f64() * 1e3),
                 "websocket closed"
             );
         });

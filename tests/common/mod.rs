@@ -209,6 +209,8 @@ async fn backend_connection(
 /// wsbeat running in-process on 127.0.0.1:0; shuts down when dropped or on `stop`.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The admin listener (`/metrics`, `/livez`, `/readyz`, `/connections`).
+    pub admin: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -223,12 +225,20 @@ impl Proxy {
         config.validate().expect("test config is valid");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = admin_listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(wsbeat::serve(Arc::new(config), listener, async {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(wsbeat::serve(
+            Arc::new(config),
+            listener,
+            Some(admin_listener),
+            async {
+                let _ = stopped.await;
+            },
+        ));
         Proxy {
             addr,
+            admin,
             stop: Some(stop),
             task: Some(task),
         }

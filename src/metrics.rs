@@ -1,0 +1,526 @@
+//! Prometheus metrics: one `Metrics` struct of handles, registered once and passed as
+//! `Arc`, and the live-connection views behind `/connections` and the per-connection
+//! series.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio::time::Instant;
+
+use crate::config::Routes;
+use crate::relay::{LegKind, Outcome, Summary};
+
+/// Per-connection series are exported for at most this many connections (the oldest).
+pub const PER_CONNECTION_CAP: usize = 1000;
+
+const OUTCOMES: [Outcome; 6] = [
+    Outcome::ClientClose,
+    Outcome::UpstreamClose,
+    Outcome::ClientDead,
+    Outcome::UpstreamDead,
+    Outcome::Error,
+    Outcome::Shutdown,
+];
+const LEGS: [&str; 2] = ["client", "upstream"];
+const DIRECTIONS: [&str; 2] = ["to_client", "to_upstream"];
+const KINDS: [&str; 3] = ["text", "binary", "close"];
+/// `reason` label values of `wsbeat_upstream_errors_total`.
+pub const UPSTREAM_ERROR_REASONS: [&str; 4] = ["timeout", "connect", "handshake", "refused"];
+/// Round trips and connect times: 1 ms to 10 s.
+const LATENCY_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Connection lifetimes: 1 s to 1 day.
+const DURATION_BUCKETS: [f64; 10] = [
+    1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14_400.0, 43_200.0, 86_400.0,
+];
+/// Gaps between client frames: 10 ms to 2 min.
+const SILENCE_BUCKETS: [f64; 11] = [0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0];
+
+/// The `code` label of a close code: known codes by number, others as `other`.
+pub fn close_code_label(code: Option<u16>) -> String {
+    match code {
+        // A leg that ended without a close frame: "abnormal closure".
+        None => "1006".to_owned(),
+        Some(c @ 1000..=1015) => c.to_string(),
+        Some(_) => "other".to_owned(),
+    }
+}
+
+/// Every metric family, registered once.
+pub struct Metrics {
+    registry: Registry,
+    per_connection: bool,
+    pub connections_active: IntGaugeVec,
+    pub connections_total: IntCounterVec,
+    pub connection_duration: HistogramVec,
+    pub heartbeats_sent: IntCounterVec,
+    pub client_heartbeats_dropped: IntCounterVec,
+    pub pings_sent: IntCounterVec,
+    pub pongs_received: IntCounterVec,
+    pub pong_rtt: HistogramVec,
+    pub client_silence: HistogramVec,
+    pub liveness_timeouts: IntCounterVec,
+    pub messages: IntCounterVec,
+    pub bytes: IntCounterVec,
+    pub upstream_connect: HistogramVec,
+    pub upstream_errors: IntCounterVec,
+    pub close_codes: IntCounterVec,
+    pub http_requests: IntCounterVec,
+    connection_last_seen: GaugeVec,
+    connection_pong_rtt: GaugeVec,
+    /// Live WebSockets by id; ids grow with time, so this is oldest first.
+    live: Mutex<BTreeMap<u64, Arc<ConnectionView>>>,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("registered once");
+    c
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+    let h = HistogramVec::new(opts, labels).expect("valid metric");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("registered once");
+    h
+}
+
+impl Metrics {
+    /// Registers every family and creates the series whose label values are known
+    /// (every route, leg, direction, outcome), so every family is exported from start-up.
+    pub fn new(routes: &Routes, per_connection: bool) -> Arc<Metrics> {
+        let r = Registry::new();
+        let connections_active = IntGaugeVec::new(
+            Opts::new("wsbeat_connections_active", "Proxied WebSockets open now."),
+            &["route"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(connections_active.clone()))
+            .expect("registered once");
+        let gauge = |name: &str, help: &str| {
+            let g = GaugeVec::new(Opts::new(name, help), &["conn"]).expect("valid metric");
+            r.register(Box::new(g.clone())).expect("registered once");
+            g
+        };
+        let m = Metrics {
+            per_connection,
+            connections_active,
+            connections_total: counter(
+                &r,
+                "wsbeat_connections_total",
+                "Proxied WebSockets that ended, by how they ended.",
+                &["route", "outcome"],
+            ),
+            connection_duration: histogram(
+                &r,
+                "wsbeat_connection_duration_seconds",
+                "Lifetime of proxied WebSockets.",
+                &["route"],
+                &DURATION_BUCKETS,
+            ),
+            heartbeats_sent: counter(
+                &r,
+                "wsbeat_heartbeats_sent_total",
+                "Heartbeat text frames sent to clients.",
+                &["route"],
+            ),
+            client_heartbeats_dropped: counter(
+                &r,
+                "wsbeat_client_heartbeats_dropped_total",
+                "Heartbeats from clients, dropped before the upstream.",
+                &["route"],
+            ),
+            pings_sent: counter(
+                &r,
+                "wsbeat_pings_sent_total",
+                "Protocol PINGs sent.",
+                &["route", "leg"],
+            ),
+            pongs_received: counter(
+                &r,
+                "wsbeat_pongs_received_total",
+                "Protocol PONGs received.",
+                &["route", "leg"],
+            ),
+            pong_rtt: histogram(
+                &r,
+                "wsbeat_pong_rtt_seconds",
+                "Round trip from a PING to its PONG.",
+                &["route", "leg"],
+                &LATENCY_BUCKETS,
+            ),
+            client_silence: histogram(
+                &r,
+                "wsbeat_client_silence_seconds",
+                "Gap between frames from a client, observed at each frame.",
+                &["route"],
+                &SILENCE_BUCKETS,
+            ),
+            liveness_timeouts: counter(
+                &r,
+                "wsbeat_liveness_timeouts_total",
+                "Peers declared dead after the liveness timeout.",
+                &["route", "leg"],
+            ),
+            messages: counter(
+                &r,
+                "wsbeat_messages_total",
+                "Data messages and close frames forwarded (not heartbeats or PINGs).",
+                &["route", "direction", "kind"],
+            ),
+            bytes: counter(
+                &r,
+                "wsbeat_bytes_total",
+                "Payload bytes of data messages forwarded.",
+                &["route", "direction"],
+            ),
+            upstream_connect: histogram(
+                &r,
+                "wsbeat_upstream_connect_seconds",
+                "Time to connect to the upstream and complete its handshake.",
+                &["route"],
+                &LATENCY_BUCKETS,
+            ),
+            upstream_errors: counter(
+                &r,
+                "wsbeat_upstream_errors_total",
+                "Upstream handshakes that failed or were refused.",
+                &["route", "reason"],
+            ),
+            close_codes: counter(
+                &r,
+                "wsbeat_close_codes_total",
+                "Close codes that ended each leg (1006: no close frame).",
+                &["leg", "code"],
+            ),
+            http_requests: counter(
+                &r,
+                "wsbeat_http_requests_total",
+                "HTTP responses on the public listener, by status.",
+                &["route", "status"],
+            ),
+            connection_last_seen: gauge(
+                "wsbeat_connection_last_seen_seconds",
+                "Seconds since the client's last frame, per connection (metrics.per_connection).",
+            ),
+            connection_pong_rtt: gauge(
+                "wsbeat_connection_pong_rtt_seconds",
+                "Last PONG round trip, per connection (metrics.per_connection).",
+            ),
+            registry: r,
+            live: Mutex::new(BTreeMap::new()),
+        };
+        for route in routes.all() {
+            let name = route.name.as_str();
+            m.connections_active.with_label_values(&[name]);
+            m.connection_duration.with_label_values(&[name]);
+            m.heartbeats_sent.with_label_values(&[name]);
+            m.client_heartbeats_dropped.with_label_values(&[name]);
+            m.client_silence.with_label_values(&[name]);
+            m.upstream_connect.with_label_values(&[name]);
+            m.http_requests.with_label_values(&[name, "101"]);
+            for outcome in OUTCOMES {
+                m.connections_total
+                    .with_label_values(&[name, outcome.as_str()]);
+            }
+            for leg in LEGS {
+                m.pings_sent.with_label_values(&[name, leg]);
+                m.pongs_received.with_label_values(&[name, leg]);
+                m.pong_rtt.with_label_values(&[name, leg]);
+                m.liveness_timeouts.with_label_values(&[name, leg]);
+            }
+            for direction in DIRECTIONS {
+                m.bytes.with_label_values(&[name, direction]);
+                for kind in KINDS {
+                    m.messages.with_label_values(&[name, direction, kind]);
+                }
+            }
+            for reason in UPSTREAM_ERROR_REASONS {
+                m.upstream_errors.with_label_values(&[name, reason]);
+            }
+        }
+        for leg in LEGS {
+            for code in [1000u16, 1001, 1006, 1011] {
+                m.close_codes
+                    .with_label_values(&[leg, &close_code_label(Some(code))]);
+            }
+        }
+        Arc::new(m)
+    }
+
+    /// The handles one connection updates, resolved once for its route.
+    pub fn for_route(&self, route: &str) -> ConnMetrics {
+        let msg = |direction: &str, kind: &str| {
+            self.messages.with_label_values(&[route, direction, kind])
+        };
+        ConnMetrics {
+            heartbeats_sent: self.heartbeats_sent.with_label_values(&[route]),
+            client_heartbeats_dropped: self.client_heartbeats_dropped.with_label_values(&[route]),
+            pings_sent: [
+                self.pings_sent.with_label_values(&[route, "client"]),
+                self.pings_sent.with_label_values(&[route, "upstream"]),
+            ],
+            pongs_received: [
+                self.pongs_received.with_label_values(&[route, "client"]),
+                self.pongs_received.with_label_values(&[route, "upstream"]),
+            ],
+            pong_rtt: [
+                self.pong_rtt.with_label_values(&[route, "client"]),
+                self.pong_rtt.with_label_values(&[route, "upstream"]),
+            ],
+            liveness_timeouts: [
+                self.liveness_timeouts.with_label_values(&[route, "client"]),
+                self.liveness_timeouts
+                    .with_label_values(&[route, "upstream"]),
+            ],
+            client_silence: self.client_silence.with_label_values(&[route]),
+            messages_to_client: [
+                msg("to_client", "text"),
+                msg("to_client", "binary"),
+                msg("to_client", "close"),
+            ],
+            messages_to_upstream: [
+                msg("to_upstream", "text"),
+                msg("to_upstream", "binary"),
+                msg("to_upstream", "close"),
+            ],
+            bytes_to_client: self.bytes.with_label_values(&[route, "to_client"]),
+            bytes_to_upstream: self.bytes.with_label_values(&[route, "to_upstream"]),
+        }
+    }
+
+    /// A WebSocket is open: count it and list it.
+    pub fn open(&self, view: Arc<ConnectionView>) {
+        self.connections_active
+            .with_label_values(&[&view.route])
+            .inc();
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(view.id, view);
+    }
+
+    /// A WebSocket ended: count how, and forget it.
+    pub fn close(&self, view: &ConnectionView, summary: &Summary) {
+        let route = view.route.as_str();
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&view.id);
+        self.connections_active.with_label_values(&[route]).dec();
+        self.connections_total
+            .with_label_values(&[route, summary.outcome.as_str()])
+            .inc();
+        self.connection_duration
+            .with_label_values(&[route])
+            .observe(view.started.elapsed().as_secs_f64());
+        for (leg, code) in [
+            (LegKind::Client, summary.client_close_code),
+            (LegKind::Upstream, summary.upstream_close_code),
+        ] {
+            self.close_codes
+                .with_label_values(&[leg.as_str(), &close_code_label(code)])
+                .inc();
+        }
+    }
+
+    /// Snapshots of the live WebSockets, oldest first.
+    pub fn connections(&self) -> Vec<Arc<ConnectionView>> {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn render(&self) -> Vec<u8> {
+        if self.per_connection {
+            self.refresh_per_connection();
+        }
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+
+    /// Rebuilds the per-connection series from the live views: the oldest
+    /// `PER_CONNECTION_CAP` connections; closed ones disappear.
+    fn refresh_per_connection(&self) {
+        self.connection_last_seen.reset();
+        self.connection_pong_rtt.reset();
+        let now = Instant::now();
+        for view in self.connections().iter().take(PER_CONNECTION_CAP) {
+            let conn = view.id.to_string();
+            self.connection_last_seen
+                .with_label_values(&[&conn])
+                .set(view.last_client_frame_ago(now).as_secs_f64());
+            if let Some(rtt) = view.last_pong_rtt() {
+                self.connection_pong_rtt
+                    .with_label_values(&[&conn])
+                    .set(rtt.as_secs_f64());
+            }
+        }
+    }
+}
+
+/// The handles a connection updates, indexed `[client, upstream]` where there is a leg
+/// and `[text, binary, close]` for message kinds.
+pub struct ConnMetrics {
+    pub heartbeats_sent: IntCounter,
+    pub client_heartbeats_dropped: IntCounter,
+    pub pings_sent: [IntCounter; 2],
+    pub pongs_received: [IntCounter; 2],
+    pub pong_rtt: [Histogram; 2],
+    pub liveness_timeouts: [IntCounter; 2],
+    pub client_silence: Histogram,
+    pub messages_to_client: [IntCounter; 3],
+    pub messages_to_upstream: [IntCounter; 3],
+    pub bytes_to_client: IntCounter,
+    pub bytes_to_upstream: IntCounter,
+}
+
+/// What `/connections` shows of one live WebSocket; the relay updates it as it goes.
+#[derive(Debug)]
+pub struct ConnectionView {
+    pub id: u64,
+    pub client_addr: SocketAddr,
+    pub route: String,
+    pub upstream: String,
+    pub started: Instant,
+    /// Milliseconds from `started` to the client's last frame.
+    last_client_frame_ms: AtomicU64,
+    /// Microseconds of the last PONG round trip; `u64::MAX` while there is none.
+    last_pong_rtt_us: AtomicU64,
+    pub heartbeats_sent: AtomicU64,
+    pub client_heartbeats_dropped: AtomicU64,
+    pub messages_to_client: AtomicU64,
+    pub messages_to_upstream: AtomicU64,
+    pub bytes_to_client: AtomicU64,
+    pub bytes_to_upstream: AtomicU64,
+}
+
+impl ConnectionView {
+    pub fn new(
+        id: u64,
+        client_addr: SocketAddr,
+        route: &str,
+        upstream: String,
+        started: Instant,
+    ) -> Self {
+        ConnectionView {
+            id,
+            client_addr,
+            route: route.to_owned(),
+            upstream,
+            started,
+            last_client_frame_ms: AtomicU64::new(0),
+            last_pong_rtt_us: AtomicU64::new(u64::MAX),
+            heartbeats_sent: AtomicU64::new(0),
+            client_heartbeats_dropped: AtomicU64::new(0),
+            messages_to_client: AtomicU64::new(0),
+            messages_to_upstream: AtomicU64::new(0),
+            bytes_to_client: AtomicU64::new(0),
+            bytes_to_upstream: AtomicU64::new(0),
+        }
+    }
+
+    pub fn client_frame_at(&self, at: Instant) {
+        let ms = at.saturating_duration_since(self.started).as_millis();
+        self.last_client_frame_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    pub fn last_client_frame_ago(&self, now: Instant) -> Duration {
+        let at =
+            self.started + Duration::from_millis(self.last_client_frame_ms.load(Ordering::Relaxed));
+        now.saturating_duration_since(at)
+    }
+
+    pub fn set_pong_rtt(&self, rtt: Duration) {
+        let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX - 1);
+        self.last_pong_rtt_us.store(us, Ordering::Relaxed);
+    }
+
+    pub fn last_pong_rtt(&self) -> Option<Duration> {
+        match self.last_pong_rtt_us.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    /// The JSON object `/connections` lists.
+    pub fn to_json(&self, now: Instant) -> serde_json::Value {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "id": self.id,
+            "client_addr": self.client_addr.to_string(),
+            "route": self.route,
+            "upstream": self.upstream,
+            "age_seconds": now.saturating_duration_since(self.started).as_secs_f64(),
+            "last_client_frame_seconds_ago": self.last_client_frame_ago(now).as_secs_f64(),
+            "last_pong_rtt_seconds": self.last_pong_rtt().map(|d| d.as_secs_f64()),
+            "heartbeats_sent": n(&self.heartbeats_sent),
+            "client_heartbeats_dropped": n(&self.client_heartbeats_dropped),
+            "messages_to_client": n(&self.messages_to_client),
+            "messages_to_upstream": n(&self.messages_to_upstream),
+            "bytes_to_client": n(&self.bytes_to_client),
+            "bytes_to_upstream": n(&self.bytes_to_upstream),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_codes_are_a_bounded_label_set() {
+        assert_eq!(close_code_label(Some(1000)), "1000");
+        assert_eq!(close_code_label(Some(1015)), "1015");
+        assert_eq!(close_code_label(Some(4000)), "other");
+        assert_eq!(close_code_label(Some(999)), "other");
+        assert_eq!(close_code_label(None), "1006");
+    }
+
+    #[test]
+    fn every_family_is_exported_from_start_up() {
+        let config = crate::Config::default();
+        let m = Metrics::new(&config.routes(), false);
+        let text = String::from_utf8(m.render()).unwrap();
+        for family in [
+            "wsbeat_connections_active",
+            "wsbeat_connections_total",
+            "wsbeat_connection_duration_seconds",
+            "wsbeat_pong_rtt_seconds",
+            "wsbeat_upstream_errors_total",
+            "wsbeat_close_codes_total",
+            "wsbeat_http_requests_total",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "{family} missing"
+            );
+        }
+    }
+}

@@ -93,6 +93,14 @@ pub struct Parser {
     message: Option<u64>,
     /// The message being read (or last read) is text.
     message_text: bool,
+    /// UTF-8 check of the text message being forwarded.
+    utf8: Utf8Check,
+    /// Bytes of the current frame's payload seen so far (for the mask's phase).
+    payload_pos: usize,
+    /// The current data frame's header waits to be forwarded with its first payload
+    /// bytes, once they pass the checks: a frame refused in its first read leaves the
+    /// other leg's stream between frames, where a close frame can still go.
+    header_pending: bool,
     held: [u8; MAX_CONTROL_PAYLOAD],
     held_len: usize,
 }
@@ -109,6 +117,9 @@ impl Parser {
             state: State::Header,
             message: None,
             message_text: false,
+            utf8: Utf8Check::default(),
+            payload_pos: 0,
+            header_pending: false,
             held: [0; MAX_CONTROL_PAYLOAD],
             held_len: 0,
         }
@@ -117,7 +128,7 @@ impl Parser {
     /// True while a data frame is being forwarded: frames of wsbeat's own for the
     /// other leg must wait for its end.
     pub fn mid_frame(&self) -> bool {
-        matches!(self.state, State::Forward { .. })
+        matches!(self.state, State::Forward { .. }) && !self.header_pending
     }
 
     /// True while a data message is being forwarded: a heartbeat (a data frame itself)
@@ -157,6 +168,16 @@ impl Parser {
                     let n = rest
                         .len()
                         .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+                    if self.message_text {
+                        if let Err(v) = self.check_text(&rest[..n]) {
+                            self.state = State::Failed;
+                            return (used, Some(Event::Violation(v)));
+                        }
+                    }
+                    if self.header_pending {
+                        self.header_pending = false;
+                        forward(&self.header[..self.header_len], true);
+                    }
                     forward(&rest[..n], false);
                     used += n;
                     let remaining = remaining - n as u64;
@@ -261,6 +282,7 @@ impl Parser {
             m
         });
         self.held_len = 0;
+        self.payload_pos = 0;
         match opcode {
             OP_CLOSE | OP_PING | OP_PONG => {
                 if !fin {
@@ -314,10 +336,11 @@ impl Parser {
                     }
                     return Ok(None);
                 }
-                forward(&self.header[..self.header_len], true);
                 if len == 0 {
+                    forward(&self.header[..self.header_len], true);
                     return Ok(Some(self.end_data_frame(fin)));
                 }
+                self.header_pending = true;
                 self.state = State::Forward {
                     remaining: len,
                     fin,
@@ -328,9 +351,33 @@ impl Parser {
         }
     }
 
+    /// Checks a piece of text payload as it passes (unmasking a copy when needed).
+    fn check_text(&mut self, masked: &[u8]) -> Result<(), Violation> {
+        let Some(mask) = self.mask else {
+            self.payload_pos += masked.len();
+            return self.utf8.feed(masked);
+        };
+        let mut plain = [0u8; 1024];
+        for piece in masked.chunks(plain.len()) {
+            let plain = &mut plain[..piece.len()];
+            plain.copy_from_slice(piece);
+            apply_mask(plain, mask, self.payload_pos);
+            self.payload_pos += piece.len();
+            self.utf8.feed(plain)?;
+        }
+        Ok(())
+    }
+
     fn end_data_frame(&mut self, fin: bool) -> Event {
         self.state = State::Header;
         self.header_len = 0;
+        if fin && self.message_text && !self.utf8.finish() {
+            self.state = State::Failed;
+            return Event::Violation(Violation {
+                code: close::INVALID_PAYLOAD,
+                reason: "text message is not valid UTF-8",
+            });
+        }
         Event::DataFrameEnd {
             fin,
             text: self.message_text,
@@ -350,6 +397,12 @@ impl Parser {
             }
             if self.heartbeat.as_deref() == Some(&plain[..len]) {
                 return Event::HeartbeatDropped;
+            }
+            if std::str::from_utf8(&plain[..len]).is_err() {
+                return Event::Violation(Violation {
+                    code: close::INVALID_PAYLOAD,
+                    reason: "text message is not valid UTF-8",
+                });
             }
             // Not the heartbeat: forward it as it came.
             forward(&self.header[..header_len], true);
@@ -371,6 +424,64 @@ impl Parser {
                 Err(v) => Event::Violation(v),
             },
         }
+    }
+}
+
+/// Streaming UTF-8 validation across frame and read boundaries: keeps the bytes of a
+/// code point that is not complete yet.
+#[derive(Debug, Default)]
+struct Utf8Check {
+    pending: [u8; 4],
+    pending_len: usize,
+}
+
+impl Utf8Check {
+    fn feed(&mut self, mut bytes: &[u8]) -> Result<(), Violation> {
+        let invalid = || violation(close::INVALID_PAYLOAD, "text message is not valid UTF-8");
+        if self.pending_len > 0 {
+            let width = utf8_width(self.pending[0]);
+            let take = (width - self.pending_len).min(bytes.len());
+            self.pending[self.pending_len..self.pending_len + take].copy_from_slice(&bytes[..take]);
+            self.pending_len += take;
+            bytes = &bytes[take..];
+            if self.pending_len < width {
+                // Still incomplete; but what is there must be a valid prefix.
+                return match std::str::from_utf8(&self.pending[..self.pending_len]) {
+                    Err(e) if e.error_len().is_some() => invalid(),
+                    _ => Ok(()),
+                };
+            }
+            if std::str::from_utf8(&self.pending[..width]).is_err() {
+                return invalid();
+            }
+            self.pending_len = 0;
+        }
+        match std::str::from_utf8(bytes) {
+            Ok(_) => Ok(()),
+            Err(e) if e.error_len().is_some() => invalid(),
+            Err(e) => {
+                let tail = &bytes[e.valid_up_to()..];
+                self.pending[..tail.len()].copy_from_slice(tail);
+                self.pending_len = tail.len();
+                Ok(())
+            }
+        }
+    }
+
+    /// At the end of the message: true when no code point was left incomplete.
+    fn finish(&mut self) -> bool {
+        std::mem::take(&mut self.pending_len) == 0
+    }
+}
+
+/// The length of the UTF-8 sequence a lead byte starts (1 for anything invalid, so that
+/// `from_utf8` reports it).
+fn utf8_width(lead: u8) -> usize {
+    match lead {
+        0xC2..=0xDF => 2,
+        0xE0..=0xEF => 3,
+        0xF0..=0xF4 => 4,
+        _ => 1,
     }
 }
 
@@ -698,6 +809,38 @@ mod tests {
             let mut server = Parser::new(Sender::Server, 1 << 20, None);
             assert_eq!(run(&mut server, &s, 1000).0, s);
         }
+    }
+
+    #[test]
+    fn text_is_checked_for_utf8_across_frames_and_reads() {
+        let text = "héllo wörld ✓ 𝄞".as_bytes();
+        // Split inside multi-byte characters, across two fragments.
+        let cut = 3;
+        let mut input = client_frame(OP_TEXT, false, &text[..cut]);
+        input.extend(client_frame(OP_CONTINUATION, true, &text[cut..]));
+        for step in [1, 2, 5, 100] {
+            let (_, events) = run(&mut client_parser(), &input, step);
+            assert!(
+                !events.iter().any(|e| matches!(e, Event::Violation(_))),
+                "step {step}: {events:?}"
+            );
+        }
+        for bad in [&b"\xff"[..], b"ok\xc3", b"\xed\xa0\x80", b"a\xf0\x9d\x84"] {
+            let f = client_frame(OP_TEXT, true, bad);
+            match run(&mut client_parser(), &f, 1).1.last() {
+                Some(Event::Violation(v)) => assert_eq!(v.code, close::INVALID_PAYLOAD, "{bad:?}"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        // Binary messages are not checked.
+        let f = client_frame(OP_BINARY, true, b"\xff\xfe");
+        assert_eq!(
+            run(&mut client_parser(), &f, 1).1,
+            vec![Event::DataFrameEnd {
+                fin: true,
+                text: false
+            }]
+        );
     }
 
     #[test]

@@ -527,3 +527,29 @@ async fn heartbeats_wait_for_the_end_of_a_fragmented_message() {
     // And a heartbeat follows promptly once the message is complete.
     assert_eq!(recv(&mut client).await, Message::text("--heartbeat--"));
 }
+
+#[tokio::test]
+async fn invalid_utf8_text_from_the_client_gets_1007() {
+    let mut backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |_| {}).await;
+    let mut raw = raw_websocket(proxy.addr, "/").await;
+    raw.write_all(&client_frame(0x1, b"fine")).await.unwrap();
+    raw.write_all(&client_frame(0x1, b"bad \xff byte"))
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(PATIENCE, raw.read_to_end(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap();
+    let close_at = buf.iter().position(|&b| b == 0x88).expect("a close frame");
+    assert_eq!(&buf[close_at + 2..close_at + 4], &1007u16.to_be_bytes());
+    match backend.next_after_handshake().await {
+        Seen::Message { msg, .. } => assert_eq!(msg, Message::text("fine")),
+        other => panic!("{other:?}"),
+    }
+    match backend.next().await {
+        Seen::Closed { frame: Some(f), .. } => assert_eq!(f.code, CloseCode::Away),
+        other => panic!("{other:?}"),
+    }
+}

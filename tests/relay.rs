@@ -98,11 +98,7 @@ async fn client_close_code_and_reason_reach_the_backend() {
 #[tokio::test]
 async fn backend_close_code_and_reason_reach_the_client() {
     // The backend closes with its own code after receiving "close please".
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (s, _) = listener.accept().await.unwrap();
-        let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
+    let addr = scripted_backend(|mut ws| async move {
         while let Some(Ok(m)) = ws.next().await {
             if m == Message::text("close please") {
                 ws.close(Some(CloseFrame {
@@ -113,7 +109,8 @@ async fn backend_close_code_and_reason_reach_the_client() {
                 .unwrap();
             }
         }
-    });
+    })
+    .await;
     let proxy = Proxy::start(addr, |_| {}).await;
     let mut client = connect(&proxy.url("/")).await;
     client.send(Message::text("close please")).await.unwrap();
@@ -124,15 +121,12 @@ async fn backend_close_code_and_reason_reach_the_client() {
 
 #[tokio::test]
 async fn backend_vanishing_closes_the_client_with_1011() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (s, _) = listener.accept().await.unwrap();
-        let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
+    let addr = scripted_backend(|mut ws| async move {
         // Drop the TCP connection without a close frame on the first message.
         let _ = ws.next().await;
         drop(ws);
-    });
+    })
+    .await;
     let proxy = Proxy::start(addr, |_| {}).await;
     let mut client = connect(&proxy.url("/")).await;
     client.send(Message::text("go away")).await.unwrap();
@@ -306,14 +300,11 @@ async fn oversized_message_closes_with_1009() {
 
 #[tokio::test]
 async fn oversized_message_from_upstream_closes_the_client_with_1009() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (s, _) = listener.accept().await.unwrap();
-        let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
+    let addr = scripted_backend(|mut ws| async move {
         ws.send(Message::binary(vec![1u8; 4096])).await.unwrap();
         while ws.next().await.is_some() {}
-    });
+    })
+    .await;
     let proxy = Proxy::start(addr, |c| {
         c.limits.max_message_size = wsbeat::config::ByteSize(1024)
     })
@@ -495,11 +486,7 @@ async fn heartbeats_wait_for_the_end_of_a_fragmented_message() {
     use tokio_tungstenite::tungstenite::protocol::frame::Frame;
     // The backend sends a text message in two fragments, 400 ms apart: longer than the
     // heartbeat interval, so a heartbeat falls due in the middle.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (s, _) = listener.accept().await.unwrap();
-        let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
+    let addr = scripted_backend(|mut ws| async move {
         let part = |data: &'static str, op, fin| Message::Frame(Frame::message(data, op, fin));
         ws.send(part("first half, ", OpCode::Data(Data::Text), false))
             .await
@@ -509,7 +496,8 @@ async fn heartbeats_wait_for_the_end_of_a_fragmented_message() {
             .await
             .unwrap();
         while ws.next().await.is_some() {}
-    });
+    })
+    .await;
     let proxy = Proxy::start(addr, |c| c.heartbeat.interval = ms(100)).await;
     let mut client = connect(&proxy.url("/")).await;
     // tungstenite fails the connection if a data frame interrupts a fragmented message,

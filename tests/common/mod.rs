@@ -206,6 +206,23 @@ async fn backend_connection(
     }
 }
 
+/// A backend that serves one WebSocket with `script`: for tests that need a backend
+/// doing one specific thing (closing with a code, vanishing, sending fragments).
+pub async fn scripted_backend<F, Fut>(script: F) -> SocketAddr
+where
+    F: FnOnce(WebSocketStream<TcpStream>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+        script(ws).await;
+    });
+    addr
+}
+
 /// wsbeat running in-process on 127.0.0.1:0; shuts down when dropped or on `stop`.
 pub struct Proxy {
     pub addr: SocketAddr,

@@ -78,6 +78,9 @@ pub struct Metrics {
     connection_pong_rtt: GaugeVec,
     /// Live WebSockets by id; ids grow with time, so this is oldest first.
     live: Mutex<BTreeMap<u64, Arc<ConnectionView>>>,
+    /// Held while rendering: the per-connection series are rebuilt at each scrape, and
+    /// two overlapping scrapes must not see each other's half-built set.
+    render: Mutex<()>,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -227,6 +230,7 @@ impl Metrics {
             ),
             registry: r,
             live: Mutex::new(BTreeMap::new()),
+            render: Mutex::new(()),
         };
         for route in routes.all() {
             let name = route.name.as_str();
@@ -354,6 +358,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every family.
     pub fn render(&self) -> Vec<u8> {
+        let _rendering = self.render.lock().unwrap_or_else(|e| e.into_inner());
         if self.per_connection {
             self.refresh_per_connection();
         }

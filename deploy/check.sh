@@ -785,5 +785,5 @@ check "dashboard queries parse as PromQL" promtool check rules "$TMP/dashboard-r
 check "dashboard uses known metric names" py metrics dashboard deploy/grafana/wsbeat.json
 check "README metrics table matches src/metrics.rs" py readme-vs-source src/metrics.rs
 
-echo "deploy checks: $passed passed, $failed failed"
+echo "deploy: $passed passed, $failed failed"
 [[ "$failed" -eq 0 ]]

@@ -211,16 +211,10 @@ async fn sigterm_closes_websockets_with_1001_and_exits() {
     signal(&running.child, "TERM");
     let frame = recv_close(&mut client).await.expect("close frame");
     assert_eq!(frame.code, CloseCode::Away);
-    loop {
-        match backend.next_after_handshake().await {
-            Seen::Closed { frame: Some(f), .. } => {
-                assert_eq!(f.code, CloseCode::Away);
-                break;
-            }
-            Seen::Message { .. } => continue,
-            other => panic!("{other:?}"),
-        }
-    }
+    backend
+        .expect_message(Message::text("before the signal"))
+        .await;
+    backend.expect_close(CloseCode::Away).await;
     drop(client);
     let status = tokio::task::spawn_blocking(move || running.child.wait().unwrap());
     let status = tokio::time::timeout(PATIENCE, status)

@@ -197,10 +197,7 @@ async fn client_heartbeats_alone_keep_a_client_alive_past_timeout() {
     assert!(matches!(backend.next().await, Seen::Handshake { .. }));
     assert!(backend.seen.try_recv().is_err(), "the backend saw traffic");
     // Silence: now the verdict comes.
-    match backend.next().await {
-        Seen::Closed { frame: Some(f), .. } => assert_eq!(f.code, CloseCode::Away),
-        other => panic!("expected close 1001, got {other:?}"),
-    }
+    backend.expect_close(CloseCode::Away).await;
 }
 
 #[tokio::test]
@@ -218,10 +215,7 @@ async fn a_silent_client_is_declared_dead_and_the_backend_gets_1001_in_time() {
         Seen::Handshake { .. } => {}
         other => panic!("{other:?}"),
     }
-    match backend.next().await {
-        Seen::Closed { frame: Some(f), .. } => assert_eq!(f.code, CloseCode::Away),
-        other => panic!("expected close 1001, got {other:?}"),
-    }
+    backend.expect_close(CloseCode::Away).await;
     let took = handshake_done.elapsed();
     assert!(
         took >= Duration::from_millis(380),
@@ -258,8 +252,5 @@ async fn a_client_that_answers_pings_outlives_the_timeout() {
         recv_data(&mut client, HB).await,
         Message::text("still here")
     );
-    match backend.next_after_handshake().await {
-        Seen::Message { msg, .. } => assert_eq!(msg, Message::text("still here")),
-        other => panic!("{other:?}"),
-    }
+    backend.expect_message(Message::text("still here")).await;
 }

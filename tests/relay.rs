@@ -140,15 +140,9 @@ async fn client_vanishing_closes_the_backend_with_1001() {
     let proxy = Proxy::start(backend.addr, |_| {}).await;
     let mut raw = raw_websocket(proxy.addr, "/").await;
     raw.write_all(&client_frame(0x1, b"hi")).await.unwrap();
-    match backend.next_after_handshake().await {
-        Seen::Message { msg, .. } => assert_eq!(msg, Message::text("hi")),
-        other => panic!("{other:?}"),
-    }
+    backend.expect_message(Message::text("hi")).await;
     drop(raw); // FIN without a close frame
-    match backend.next().await {
-        Seen::Closed { frame: Some(f), .. } => assert_eq!(f.code, CloseCode::Away),
-        other => panic!("expected close 1001, got {other:?}"),
-    }
+    backend.expect_close(CloseCode::Away).await;
 }
 
 #[tokio::test]
@@ -171,10 +165,7 @@ async fn pings_are_answered_per_leg_and_never_forwarded() {
         }
     }
     client.send(Message::text("after ping")).await.unwrap();
-    match backend.next_after_handshake().await {
-        Seen::Message { msg, .. } => assert_eq!(msg, Message::text("after ping")),
-        other => panic!("the backend saw {other:?} before the next message"),
-    }
+    backend.expect_message(Message::text("after ping")).await;
 }
 
 #[tokio::test]
@@ -408,10 +399,7 @@ async fn invalid_frames_from_the_client_get_1002() {
     // An unmasked server close frame: 0x88, length, code 1002.
     let close_at = buf.iter().position(|&b| b == 0x88).expect("a close frame");
     assert_eq!(&buf[close_at + 2..close_at + 4], &1002u16.to_be_bytes());
-    match backend.next_after_handshake().await {
-        Seen::Closed { frame: Some(f), .. } => assert_eq!(f.code, CloseCode::Away),
-        other => panic!("{other:?}"),
-    }
+    backend.expect_close(CloseCode::Away).await;
 }
 
 #[tokio::test]
@@ -435,16 +423,8 @@ async fn shutdown_closes_both_legs_with_1001() {
     let stopping = tokio::spawn(proxy.stop());
     let frame = recv_close(&mut client).await.expect("close frame");
     assert_eq!(frame.code, CloseCode::Away);
-    loop {
-        match backend.next_after_handshake().await {
-            Seen::Closed { frame: Some(f), .. } => {
-                assert_eq!(f.code, CloseCode::Away);
-                break;
-            }
-            Seen::Message { .. } => continue,
-            other => panic!("{other:?}"),
-        }
-    }
+    backend.expect_message(Message::text("before")).await;
+    backend.expect_close(CloseCode::Away).await;
     drop(client);
     stopping.await.unwrap();
 }
@@ -460,10 +440,7 @@ async fn fragmented_messages_pass_with_pings_between_fragments() {
     wire.extend(client_frame(0x9, b"mid-ping"));
     wire.extend(client_frame(0x0, b"mented"));
     raw.write_all(&wire).await.unwrap();
-    match backend.next_after_handshake().await {
-        Seen::Message { msg, .. } => assert_eq!(msg, Message::text("fragmented")),
-        other => panic!("{other:?}"),
-    }
+    backend.expect_message(Message::text("fragmented")).await;
 }
 
 #[tokio::test]
@@ -474,10 +451,7 @@ async fn frames_sent_with_the_handshake_are_not_lost() {
     let mut wire = upgrade_request("/").into_bytes();
     wire.extend(client_frame(0x1, b"eager"));
     s.write_all(&wire).await.unwrap();
-    match backend.next_after_handshake().await {
-        Seen::Message { msg, .. } => assert_eq!(msg, Message::text("eager")),
-        other => panic!("{other:?}"),
-    }
+    backend.expect_message(Message::text("eager")).await;
 }
 
 #[tokio::test]
@@ -532,12 +506,6 @@ async fn invalid_utf8_text_from_the_client_gets_1007() {
         .unwrap();
     let close_at = buf.iter().position(|&b| b == 0x88).expect("a close frame");
     assert_eq!(&buf[close_at + 2..close_at + 4], &1007u16.to_be_bytes());
-    match backend.next_after_handshake().await {
-        Seen::Message { msg, .. } => assert_eq!(msg, Message::text("fine")),
-        other => panic!("{other:?}"),
-    }
-    match backend.next().await {
-        Seen::Closed { frame: Some(f), .. } => assert_eq!(f.code, CloseCode::Away),
-        other => panic!("{other:?}"),
-    }
+    backend.expect_message(Message::text("fine")).await;
+    backend.expect_close(CloseCode::Away).await;
 }

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderMap, HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -103,6 +104,22 @@ impl Backend {
             .await
             .expect("backend saw nothing in time")
             .expect("backend gone")
+    }
+
+    /// Asserts that the next event after the handshake is `expected`, received.
+    pub async fn expect_message(&mut self, expected: Message) {
+        match self.next_after_handshake().await {
+            Seen::Message { msg, .. } => assert_eq!(msg, expected),
+            other => panic!("expected {expected:?}, the backend saw {other:?}"),
+        }
+    }
+
+    /// Asserts that the backend's next event after the handshake is a close with `code`.
+    pub async fn expect_close(&mut self, code: CloseCode) {
+        match self.next_after_handshake().await {
+            Seen::Closed { frame: Some(f), .. } => assert_eq!(f.code, code),
+            other => panic!("expected close {code:?}, the backend saw {other:?}"),
+        }
     }
 
     /// The next event that is not a handshake.

@@ -1210,19 +1210,7 @@ async fn a_client_close_code_outside_1000_1015_is_counted_as_other() {
 #[tokio::test]
 async fn a_backend_close_code_is_counted_by_its_number() {
     // The backend closes with 1000 when asked to.
-    let addr = scripted_backend(|mut ws| async move {
-        while let Some(Ok(m)) = ws.next().await {
-            if m == Message::text("close please") {
-                ws.close(Some(CloseFrame {
-                    code: CloseCode::Normal,
-                    reason: "as you wish".into(),
-                }))
-                .await
-                .unwrap();
-            }
-        }
-    })
-    .await;
+    let addr = closing_backend(CloseCode::Normal, "as you wish").await;
     let proxy = Proxy::start(addr, |_| {}).await;
     let mut client = connect(&proxy.url("/")).await;
     client.send(Message::text("close please")).await.unwrap();

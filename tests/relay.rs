@@ -98,19 +98,7 @@ async fn client_close_code_and_reason_reach_the_backend() {
 #[tokio::test]
 async fn backend_close_code_and_reason_reach_the_client() {
     // The backend closes with its own code after receiving "close please".
-    let addr = scripted_backend(|mut ws| async move {
-        while let Some(Ok(m)) = ws.next().await {
-            if m == Message::text("close please") {
-                ws.close(Some(CloseFrame {
-                    code: CloseCode::Library(4001),
-                    reason: "done here".into(),
-                }))
-                .await
-                .unwrap();
-            }
-        }
-    })
-    .await;
+    let addr = closing_backend(CloseCode::Library(4001), "done here").await;
     let proxy = Proxy::start(addr, |_| {}).await;
     let mut client = connect(&proxy.url("/")).await;
     client.send(Message::text("close please")).await.unwrap();

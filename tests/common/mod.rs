@@ -240,6 +240,22 @@ where
     addr
 }
 
+/// A backend that closes with `code` and `reason` when a client sends "close please".
+pub async fn closing_backend(code: CloseCode, reason: &'static str) -> SocketAddr {
+    scripted_backend(move |mut ws| async move {
+        while let Some(Ok(m)) = ws.next().await {
+            if m == Message::text("close please") {
+                let frame = CloseFrame {
+                    code,
+                    reason: reason.into(),
+                };
+                ws.close(Some(frame)).await.unwrap();
+            }
+        }
+    })
+    .await
+}
+
 /// wsbeat running in-process on 127.0.0.1:0; shuts down when dropped or on `stop`.
 pub struct Proxy {
     pub addr: SocketAddr,

@@ -649,7 +649,8 @@ impl Config {
                 return Err(invalid(key, "must be longer than 0s"));
             }
         }
-        if self.admin.listen.is_some() && self.admin.listen == Some(self.listen) {
+        // Port 0 asks for any free port: two such listeners never share one.
+        if self.listen.port() != 0 && self.admin.listen == Some(self.listen) {
             return Err(invalid(
                 "admin.listen",
                 "must differ from `listen` (admin endpoints never share the public port)",
@@ -903,6 +904,15 @@ mod tests {
         let c = parse("routes:\n  - path: /quiet\n    heartbeat: { message: null }\n").unwrap();
         assert!(c.routes().resolve("/quiet").heartbeat.message.is_none());
         assert!(c.routes().resolve("/").heartbeat.message.is_some());
+    }
+
+    #[test]
+    fn admin_must_not_share_the_public_port_unless_both_are_ephemeral() {
+        let e = parse("listen: 127.0.0.1:9000\nadmin: { listen: 127.0.0.1:9000 }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("admin.listen"), "{e}");
+        parse("listen: 127.0.0.1:0\nadmin: { listen: 127.0.0.1:0 }\n").unwrap();
     }
 
     #[test]

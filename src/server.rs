@@ -250,10 +250,10 @@ impl Proxy {
                 route = %route.name,
                 duration_s = started.elapsed().as_secs_f64(),
                 outcome = %summary.outcome,
-                client_close = ?summary.client_close_code,
-                upstream_close = ?summary.upstream_close_code,
+                client_close = summary.client_close_code,
+                upstream_close = summary.upstream_close_code,
                 heartbeats_sent = view.heartbeats_sent.load(std::sync::atomic::Ordering::Relaxed),
-                last_rtt_ms = ?view.last_pong_rtt().map(|d| d.as_secs_f64() * 1e3),
+                last_rtt_ms = view.last_pong_rtt().map(|d| d.as_secs_f64() * 1e3),
                 "websocket closed"
             );
         });

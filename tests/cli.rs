@@ -304,3 +304,84 @@ async fn demo_echoes_and_beats() {
         .unwrap()
         .success());
 }
+
+#[tokio::test]
+async fn json_logs_a_line_per_closed_websocket_and_readyz_turns_503_on_sigterm() {
+    use std::sync::mpsc;
+    let backend = Backend::echo().await;
+    let upstream = format!("ws://{}", backend.addr);
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--upstream", &upstream])
+        .args(["--admin-listen", "127.0.0.1:0", "--log-format", "json"])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Every log line must be JSON; they are handed over as they come.
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            if tx.send(value).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |message: &str| loop {
+        let v = rx.recv_timeout(PATIENCE).expect("log line in time");
+        if v["message"] == message {
+            return v;
+        }
+    };
+    let public = next("listening")["addr"].as_str().unwrap().to_owned();
+    let admin: std::net::SocketAddr = next("admin listening")["addr"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    // One WebSocket, closed normally by the client: one line with its facts.
+    let mut client = connect(&format!("ws://{public}/")).await;
+    echo_roundtrip(&mut client, Message::text("hello")).await;
+    client.close(None).await.unwrap();
+    while futures_util::StreamExt::next(&mut client).await.is_some() {}
+    let closed = next("websocket closed");
+    assert_eq!(closed["level"], "INFO");
+    assert_eq!(closed["route"], "default");
+    assert_eq!(closed["outcome"], "client_close");
+    assert_eq!(closed["client_close"], 1005, "{closed}");
+    assert_eq!(closed["upstream_close"], 1005, "{closed}");
+    assert!(closed["id"].is_u64(), "{closed}");
+    assert!(closed["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(closed["duration_s"].as_f64().unwrap() >= 0.0);
+    assert_eq!(closed["heartbeats_sent"], 0);
+
+    // A client that never reads keeps the drain waiting for its close reply, so the
+    // admin listener is still up: /readyz must answer 503 once SIGTERM is in.
+    let _silent = raw_websocket(public.parse().unwrap(), "/").await;
+    let readyz = "GET /readyz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n";
+    assert!(raw_http(admin, readyz).await.starts_with("HTTP/1.1 200"));
+    signal(&child, "TERM");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let resp = raw_http(admin, readyz).await;
+        if resp.starts_with("HTTP/1.1 503") {
+            break;
+        }
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz never turned 503"
+        );
+        tokio::task::yield_now().await;
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap());
+    let status = tokio::time::timeout(PATIENCE, status)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}

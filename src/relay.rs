@@ -299,6 +299,7 @@ where
         ),
         heartbeat: Heartbeat::new(Schedule::for_route(&ctx.route), ctx.started),
         closing: None,
+        messages_this_read: [0; 2],
         client_first: true,
         ctx,
     });
@@ -322,6 +323,9 @@ struct Relay<C, U> {
     upstream: Side,
     heartbeat: Heartbeat,
     closing: Option<Closing>,
+    /// Messages forwarded during the read being processed, `[text, binary]`: published
+    /// to the counters once per read, not once per message.
+    messages_this_read: [u64; 2],
     /// Alternates which leg is read first, so a busy leg cannot starve the other.
     client_first: bool,
     ctx: RelayContext,
@@ -489,7 +493,6 @@ where
         }
         let closing = self.closing.is_some();
         let mut payload_bytes = 0u64;
-        let mut messages = [0u64; 2]; // text, binary
         while !data.is_empty() {
             let (src, dst) = self.sides(leg);
             let dst_open = dst.writable && !dst.close_sent && !closing;
@@ -506,15 +509,8 @@ where
                 }
             });
             data = &data[used..];
-            match event {
-                Some(FrameEvent::DataFrameEnd { fin, text }) => {
-                    if fin && self.side(leg).passing {
-                        messages[usize::from(!text)] += 1;
-                    }
-                    self.on_data_frame_end(leg, fin, now);
-                }
-                Some(event) => self.on_frame_event(leg, event, now),
-                None => {}
+            if let Some(event) = event {
+                self.on_frame_event(leg, event, now);
             }
             if !self.side(leg).readable {
                 break;
@@ -538,6 +534,7 @@ where
             bytes_metric.inc_by(payload_bytes);
             bytes_view.fetch_add(payload_bytes, Ordering::Relaxed);
         }
+        let messages = std::mem::take(&mut self.messages_this_read);
         for (kind, n) in messages.into_iter().enumerate() {
             if n > 0 {
                 messages_metric[kind].inc_by(n);
@@ -547,9 +544,12 @@ where
     }
 
     /// A data frame from `leg` has been forwarded (or dropped) completely.
-    fn on_data_frame_end(&mut self, leg: LegKind, fin: bool, now: Instant) {
-        let (src, dst) = self.sides(leg);
-        let forwarded = src.passing;
+    fn on_data_frame_end(&mut self, leg: LegKind, fin: bool, text: bool, now: Instant) {
+        let forwarded = self.side(leg).passing;
+        if fin && forwarded {
+            self.messages_this_read[usize::from(!text)] += 1;
+        }
+        let (_, dst) = self.sides(leg);
         // The frame into `dst` is complete: its waiting frames may follow.
         if !dst.deferred.is_empty() {
             let mut deferred = std::mem::take(&mut dst.deferred);
@@ -568,7 +568,7 @@ where
 
     fn on_frame_event(&mut self, leg: LegKind, event: FrameEvent, now: Instant) {
         match event {
-            FrameEvent::DataFrameEnd { fin, .. } => self.on_data_frame_end(leg, fin, now),
+            FrameEvent::DataFrameEnd { fin, text } => self.on_data_frame_end(leg, fin, text, now),
             FrameEvent::HeartbeatDropped => {
                 self.ctx.metrics.client_heartbeats_dropped.inc();
                 self.ctx

@@ -158,6 +158,12 @@ impl Proxy {
         route: Arc<Route>,
         permit: OwnedSemaphorePermit,
     ) -> Response<Body> {
+        // check_handshake has validated the key: derive the answer before dialing.
+        let accept = req
+            .headers()
+            .get(header::SEC_WEBSOCKET_KEY)
+            .map(|key| derive_accept_key(key.as_bytes()))
+            .and_then(|accept| HeaderValue::from_str(&accept).ok());
         let client_upgrade = hyper::upgrade::on(&mut req);
         let (parts, _body) = req.into_parts();
         let dialed = upstream::dial(&route.upstream, &parts, info).await;
@@ -193,16 +199,13 @@ impl Proxy {
             }
         };
 
-        let Some(key) = parts.headers.get(header::SEC_WEBSOCKET_KEY) else {
-            return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
-        };
         let mut response = Response::new(empty());
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         *response.headers_mut() = upstream_headers;
         let h = response.headers_mut();
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        if let Some(accept) = accept {
             h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
         }
         if let Some(p) = protocol {

@@ -108,6 +108,39 @@ fn config_from_the_environment_variable() {
 }
 
 #[test]
+fn check_shows_which_route_each_path_maps_to() {
+    let file = write_config(
+        "routes:\n  - { name: chat, path: /ws/chat, upstream: { url: 'ws://chat:8000' } }\n  \
+         - { path: /ws, upstream: { url: 'ws://ws:8000' } }\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&file.0)
+        .args(["--route", "/ws/chat/1", "--route", "/ws/chatroom?x=1"])
+        .args(["--route", "/ws", "--route", "/index.html"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let mapping: Vec<&str> = stdout.lines().filter(|l| l.starts_with("# /")).collect();
+    assert_eq!(
+        mapping,
+        [
+            "# /ws/chat/1 -> route `chat` (prefix /ws/chat, upstream ws://chat:8000)",
+            "# /ws/chatroom?x=1 -> route `/ws` (prefix /ws, upstream ws://ws:8000)",
+            "# /ws -> route `/ws` (prefix /ws, upstream ws://ws:8000)",
+            "# /index.html -> route `default` (prefix /, upstream ws://127.0.0.1:8000)",
+        ]
+    );
+    // Still a valid config file.
+    Config::from_yaml(&stdout, "check output").unwrap();
+}
+
+#[test]
 fn check_prints_the_effective_config() {
     let file = write_config("upstream:\n  url: ws://10.0.0.5:8000\nheartbeat:\n  interval: 2s\n");
     let out = Command::new(BIN)
@@ -144,47 +177,6 @@ fn the_example_config_is_valid_and_states_the_defaults() {
     );
 }
 
-/// A running `wsbeat` process; killed when dropped.
-struct Running {
-    child: Child,
-    addr: std::net::SocketAddr,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts the binary on port 0 and reads its log until it says where it listens.
-fn spawn(args: &[&str]) -> Running {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let addr = loop {
-        line.clear();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "wsbeat exited before listening"
-        );
-        if let Some(rest) = line.split("addr=").nth(1) {
-            if line.contains("listening") {
-                break rest.split_whitespace().next().unwrap().parse().unwrap();
-            }
-        }
-    };
-    // Keep draining the log so the process never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    Running { child, addr }
-}
-
 fn signal(child: &Child, sig: &str) {
     let status = Command::new("kill")
         .arg(format!("-{sig}"))
@@ -198,7 +190,7 @@ fn signal(child: &Child, sig: &str) {
 async fn sigterm_closes_websockets_with_1001_and_exits() {
     let mut backend = Backend::echo().await;
     let upstream = format!("ws://{}", backend.addr);
-    let mut running = spawn(&[
+    let mut running = spawn_wsbeat(&[
         "--listen",
         "127.0.0.1:0",
         "--upstream",
@@ -232,7 +224,7 @@ async fn python_websockets_client_through_wsbeat() {
     let file = write_config(&format!(
         "listen: 127.0.0.1:0\nadmin: {{ listen: null }}\nupstream: {{ url: \"{upstream}\" }}\nheartbeat: {{ interval: 200ms }}\n"
     ));
-    let running = spawn(&["--config", file.0.to_str().unwrap()]);
+    let running = spawn_wsbeat(&["--config", file.0.to_str().unwrap()]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/client.py");
     let url = format!("ws://{}/py", running.addr);
     let out = tokio::task::spawn_blocking(move || {

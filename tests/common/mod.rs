@@ -2,7 +2,9 @@
 //! in-process on port 0, and clients.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -448,4 +450,58 @@ pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
 pub async fn echo_roundtrip(client: &mut Client, msg: Message) {
     client.send(msg.clone()).await.unwrap();
     assert_eq!(recv_data(client, "--heartbeat--").await, msg);
+}
+
+/// A running `wsbeat` process; killed when dropped.
+pub struct Running {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the binary on port 0 and reads its log until it says where it listens.
+pub fn spawn_wsbeat(args: &[&str]) -> Running {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wsbeat"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "wsbeat exited before listening"
+        );
+        if let Some(rest) = line.split("addr=").nth(1) {
+            if line.contains("listening") {
+                break rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        }
+    };
+    // Keep draining the log so the process never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    Running { child, addr }
+}
+
+impl Running {
+    /// The process's resident set size in KiB (`VmRSS` in /proc).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("wsbeat is running");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
 }

@@ -142,6 +142,10 @@ impl Proxy {
         if let Err(rejection) = check_handshake(&req) {
             return rejection;
         }
+        if self.shutdown.is_cancelled() {
+            // Accepted just before the listener closed: this pod is going away.
+            return text(StatusCode::SERVICE_UNAVAILABLE, "wsbeat: shutting down");
+        }
         if !route.origin_allowed(req.headers().get(header::ORIGIN).map(|o| o.as_bytes())) {
             tracing::info!(client = %info.addr, route = %route.name, origin = ?req.headers().get(header::ORIGIN), "WebSocket from an origin not in allowed_origins: refused");
             return text(
@@ -293,6 +297,8 @@ impl Proxy {
                 outcome = %summary.outcome,
                 client_close = summary.client_close_code,
                 upstream_close = summary.upstream_close_code,
+                dropped_to_client = summary.dropped_to_client,
+                dropped_to_upstream = summary.dropped_to_upstream,
                 heartbeats_sent = view.heartbeats_sent.load(std::sync::atomic::Ordering::Relaxed),
                 last_rtt_ms = view.last_pong_rtt().map(|d| d.as_secs_f64() * 1e3),
                 "websocket closed"

@@ -505,3 +505,99 @@ impl Running {
             .expect("VmRSS in /proc/PID/status")
     }
 }
+
+/// A `wsbeat` process started with `--log-format json`, its log lines handed over as
+/// parsed JSON as they come (a line that is not JSON fails the test). Killed when dropped.
+pub struct JsonWsbeat {
+    pub child: Child,
+    pub lines: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+impl Drop for JsonWsbeat {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl JsonWsbeat {
+    pub fn spawn(args: &[&str]) -> JsonWsbeat {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wsbeat"))
+            .args(args)
+            .args(["--log-format", "json"])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let value: serde_json::Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+                if tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        JsonWsbeat { child, lines }
+    }
+
+    /// The next log line whose message is `message` (earlier lines are skipped).
+    pub fn next(&self, message: &str) -> serde_json::Value {
+        loop {
+            let v = self.lines.recv_timeout(PATIENCE).expect("log line in time");
+            if v["message"] == message {
+                return v;
+            }
+        }
+    }
+
+    /// The address logged by the next line saying `message` ("listening", "admin listening").
+    pub fn addr(&self, message: &str) -> SocketAddr {
+        self.next(message)["addr"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// Sends a signal (`TERM`, `INT`, `STOP` …) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+/// A config file under the target directory, removed when dropped.
+pub struct TempConfig(std::path::PathBuf);
+
+impl TempConfig {
+    pub fn path(&self) -> &str {
+        self.0.to_str().expect("UTF-8 target directory")
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Writes `text` to a fresh file for `--config`.
+pub fn write_temp_config(text: &str) -> TempConfig {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let name = format!(
+        "config-{}-{}.yaml",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::write(&path, text).unwrap();
+    TempConfig(path)
+}

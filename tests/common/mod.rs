@@ -268,12 +268,21 @@ pub struct Proxy {
 impl Proxy {
     /// Starts wsbeat in front of `upstream` with test-friendly defaults, after `tune`.
     pub async fn start(upstream: SocketAddr, tune: impl FnOnce(&mut Config)) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Proxy::start_on(listener, upstream, tune).await
+    }
+
+    /// Like `start`, on a listener the test bound itself (e.g. in a network namespace).
+    pub async fn start_on(
+        listener: TcpListener,
+        upstream: SocketAddr,
+        tune: impl FnOnce(&mut Config),
+    ) -> Proxy {
         let mut config = Config::default();
         config.admin.listen = None;
         config.upstream.url = format!("ws://{upstream}").parse().unwrap();
         tune(&mut config);
         config.validate().expect("test config is valid");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = admin_listener.local_addr().unwrap();

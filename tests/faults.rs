@@ -152,14 +152,18 @@ async fn a_backend_killed_mid_stream_closes_its_clients_with_1011_and_a_restart_
     }
 }
 
-#[tokio::test]
-async fn a_backend_that_stops_reading_stops_wsbeat_reading_the_client() {
-    // The backend completes the handshake and never reads again.
-    let addr = scripted_backend(|ws| async move {
+/// A backend that completes the handshake and never reads again.
+async fn backend_that_never_reads() -> SocketAddr {
+    scripted_backend(|ws| async move {
         std::future::pending::<()>().await;
         drop(ws);
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_backend_that_stops_reading_stops_wsbeat_reading_the_client() {
+    let addr = backend_that_never_reads().await;
     let wsbeat = WsbeatProcess::start(addr, "heartbeat: { message: null }");
     let mut raw = raw_websocket(wsbeat.addr, "/").await;
     let before = wsbeat.rss_kib();
@@ -196,11 +200,7 @@ async fn a_backend_that_stops_reading_stops_wsbeat_reading_the_client() {
 
 #[tokio::test]
 async fn a_backend_that_takes_no_bytes_for_write_timeout_closes_the_client_with_1011() {
-    let addr = scripted_backend(|ws| async move {
-        std::future::pending::<()>().await;
-        drop(ws);
-    })
-    .await;
+    let addr = backend_that_never_reads().await;
     let proxy = Proxy::start(addr, |c| {
         c.heartbeat.message = None;
         c.limits.write_timeout = ms(1000);

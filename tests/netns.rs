@@ -325,13 +325,10 @@ async fn a_thousand_vanished_clients_are_found_dead_in_time_while_others_flow() 
 
     // Counted as liveness timeouts of the client leg, and as client_dead connections.
     let d = ("route", "default");
+    let client_leg = [d, ("leg", "client")];
+    let timeouts = "wsbeat_liveness_timeouts_total";
     assert_eq!(
-        metric(
-            proxy.admin,
-            "wsbeat_liveness_timeouts_total",
-            &[d, ("leg", "client")]
-        )
-        .await,
+        metric(proxy.admin, timeouts, &client_leg).await,
         VANISHING as f64
     );
     metric_at_least(
@@ -364,12 +361,7 @@ async fn a_thousand_vanished_clients_are_found_dead_in_time_while_others_flow() 
         );
     }
     assert_eq!(
-        metric(
-            proxy.admin,
-            "wsbeat_liveness_timeouts_total",
-            &[d, ("leg", "client")]
-        )
-        .await,
+        metric(proxy.admin, timeouts, &client_leg).await,
         VANISHING as f64,
         "a staying client was declared dead"
     );

@@ -705,15 +705,7 @@ pub async fn raw_upstream(answer: RawAnswer) -> (SocketAddr, mpsc::UnboundedRece
                     }
                     RawAnswer::Accept => {
                         let text = String::from_utf8_lossy(&head).into_owned();
-                        let key = text
-                            .lines()
-                            .find_map(|l| {
-                                let (k, v) = l.split_once(':')?;
-                                k.trim()
-                                    .eq_ignore_ascii_case("sec-websocket-key")
-                                    .then(|| v.trim().to_owned())
-                            })
-                            .expect("a Sec-WebSocket-Key");
+                        let key = head_field(&text, "sec-websocket-key").expect("a key");
                         let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(
                             key.as_bytes(),
                         );
@@ -731,4 +723,15 @@ pub async fn raw_upstream(answer: RawAnswer) -> (SocketAddr, mpsc::UnboundedRece
         }
     });
     (addr, rx)
+}
+
+/// The value of header `name` (any case) in a raw HTTP head, trimmed.
+pub fn head_field<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|line| {
+        let (field, value) = line.split_once(':')?;
+        field
+            .trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| value.trim())
+    })
 }

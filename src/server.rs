@@ -100,7 +100,10 @@ impl Proxy {
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(self.config.limits.handshake_timeout.0)
+            // max_buf_size only bounds the read buffer, and one read may take a whole
+            // larger head: max_header_size is what turns a long head into a 431.
             .max_buf_size(MAX_REQUEST_HEAD)
+            .max_header_size(MAX_REQUEST_HEAD)
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         tokio::pin!(conn);

@@ -159,15 +159,7 @@ fn signal(child: &Child, sig: &str) {
 #[tokio::test]
 async fn sigterm_closes_websockets_with_1001_and_exits() {
     let mut backend = Backend::echo().await;
-    let upstream = format!("ws://{}", backend.addr);
-    let mut running = spawn_wsbeat(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &upstream,
-        "--admin-listen",
-        "off",
-    ]);
+    let mut running = WsbeatProcess::start(backend.addr, "");
     let mut client = connect(&format!("ws://{}/", running.addr)).await;
     echo_roundtrip(&mut client, Message::text("before the signal")).await;
     signal(&running.child, "TERM");
@@ -189,12 +181,8 @@ async fn sigterm_closes_websockets_with_1001_and_exits() {
 #[tokio::test]
 async fn python_websockets_client_through_wsbeat() {
     let mut backend = Backend::echo().await;
-    let upstream = format!("ws://{}", backend.addr);
     // A short heartbeat interval, from a config file.
-    let file = write_temp_config(&format!(
-        "listen: 127.0.0.1:0\nadmin: {{ listen: null }}\nupstream: {{ url: \"{upstream}\" }}\nheartbeat: {{ interval: 200ms }}\n"
-    ));
-    let running = spawn_wsbeat(&["--config", file.path()]);
+    let running = WsbeatProcess::start(backend.addr, "heartbeat: { interval: 200ms }");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/client.py");
     let url = format!("ws://{}/py", running.addr);
     let out = tokio::task::spawn_blocking(move || {

@@ -614,15 +614,7 @@ async fn plain_http_is_counted_by_status_with_its_duration() {
 #[tokio::test]
 async fn a_1_gib_upload_streams_through_the_binary_in_flat_memory() {
     let backend = HttpBackend::start("a").await;
-    let upstream = format!("ws://{}", backend.addr);
-    let wsbeat = spawn_wsbeat(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &upstream,
-        "--admin-listen",
-        "off",
-    ]);
+    let wsbeat = WsbeatProcess::start(backend.addr, "");
     let mut client = http_client(wsbeat.addr).await;
     // Warm up the connection pool and the allocator, then take the baseline.
     assert_eq!(exchange(&mut client, get("/hello")).await.0, StatusCode::OK);

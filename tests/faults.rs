@@ -206,21 +206,30 @@ async fn a_backend_that_takes_no_bytes_for_write_timeout_closes_the_client_with_
         c.limits.write_timeout = ms(1000);
     })
     .await;
-    let mut client = connect(&proxy.url("/")).await;
-    // Feed messages until the upstream leg is full (a feed that cannot complete within
-    // a second); wsbeat has been blocked on the backend since shortly before.
-    let message = Message::binary(vec![1u8; 64 * 1024]);
+    let (mut tx, mut rx) = connect(&proxy.url("/")).await.split();
+    // Send far more than the socket buffers between here and the backend hold, so
+    // wsbeat is soon blocked writing to the backend; the sender stops when its writes
+    // block for good or fail.
     let started = Instant::now();
-    while tokio::time::timeout(Duration::from_secs(1), client.feed(message.clone()))
-        .await
-        .is_ok()
-    {
-        assert!(
-            started.elapsed() < PATIENCE,
-            "the backend leg never filled up"
-        );
-    }
-    let frame = recv_close(&mut client).await.expect("a close frame");
+    let sender = tokio::spawn(async move {
+        let message = Message::binary(vec![1u8; 64 * 1024]);
+        for _ in 0..1024 {
+            if tx.send(message.clone()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let frame = loop {
+        match tokio::time::timeout(PATIENCE, rx.next())
+            .await
+            .expect("a close frame in time")
+        {
+            Some(Ok(Message::Close(frame))) => break frame.expect("a close code"),
+            Some(Ok(_)) => continue,
+            other => panic!("the connection ended without a close frame: {other:?}"),
+        }
+    };
+    sender.abort();
     assert_eq!(frame.code, CloseCode::Error);
     let took = started.elapsed();
     assert!(took >= Duration::from_secs(1), "closed after {took:?}");

@@ -24,6 +24,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 const VANISHING: usize = 1000;
 const STAYING: usize = 20;
+const HANDSHAKES_IN_FLIGHT: usize = 16;
 const PING_INTERVAL: Duration = Duration::from_secs(1);
 const TIMEOUT: Duration = Duration::from_secs(2);
 /// The bound: every vanished client detected and its upstream closed within
@@ -244,23 +245,27 @@ async fn a_thousand_vanished_clients_are_found_dead_in_time_while_others_flow() 
 
     // The vanishing clients, from the client namespace, over the veth pair. Each is read
     // by a task, so it answers PINGs until its link goes.
+    // Each task reads from the moment its handshake is done. Few handshakes at once, so
+    // that the PINGs of the clients already connected are not answered late behind a
+    // deep run queue of handshakes on a loaded machine.
+    let handshaking = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_IN_FLIGHT));
+    let (connected_tx, mut connected) = tokio::sync::mpsc::unbounded_channel();
     let mut readers = JoinSet::new();
-    let mut handshakes = JoinSet::new();
     for (i, socket) in sockets_in(&client_ns, VANISHING).into_iter().enumerate() {
-        handshakes
-            .spawn(async move { connect_from(socket, server, &format!("/vanish/{i}")).await });
-        // At most 100 handshakes in flight.
-        if handshakes.len() >= 100 {
-            let client = handshakes.join_next().await.unwrap().unwrap();
-            readers.spawn(async move {
-                let mut client = client;
-                while let Some(Ok(_)) = client.next().await {}
-            });
-        }
+        let permit = handshaking.clone().acquire_owned().await.unwrap();
+        let connected_tx = connected_tx.clone();
+        readers.spawn(async move {
+            let mut client = connect_from(socket, server, &format!("/vanish/{i}")).await;
+            drop(permit);
+            let _ = connected_tx.send(());
+            while let Some(Ok(_)) = client.next().await {}
+        });
     }
-    while let Some(client) = handshakes.join_next().await {
-        let mut client = client.unwrap();
-        readers.spawn(async move { while let Some(Ok(_)) = client.next().await {} });
+    for _ in 0..VANISHING {
+        tokio::time::timeout(PATIENCE, connected.recv())
+            .await
+            .expect("every vanishing client connects in time")
+            .expect("a reader task panicked while connecting");
     }
     assert_eq!(readers.len(), VANISHING);
 

@@ -82,11 +82,13 @@ impl Default for Config {
     }
 }
 
-/// TLS termination on the public listener.
+/// TLS termination on the public listener. The files are reloaded when they change
+/// (a Kubernetes secret rotation swaps a symlink): new handshakes get the new
+/// certificate, open connections keep theirs.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
-    /// PEM certificate chain.
+    /// PEM certificate chain, the server's certificate first.
     pub cert: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key: PathBuf,
@@ -118,8 +120,12 @@ pub struct UpstreamConfig {
     /// Time allowed to connect and complete the upstream handshake; past it the client
     /// gets 504.
     pub connect_timeout: HumanDuration,
-    /// PEM CA bundle that signs a `wss://` upstream's certificate.
+    /// PEM CA bundle that signs a `wss://` upstream's certificate; absent: the webpki
+    /// (Mozilla) roots. There is no switch that turns verification off.
     pub ca: Option<PathBuf>,
+    /// The name a `wss://` upstream's certificate must carry, also sent as SNI; absent:
+    /// the URL's host.
+    pub server_name: Option<String>,
 }
 
 impl Default for UpstreamConfig {
@@ -128,6 +134,7 @@ impl Default for UpstreamConfig {
             url: UpstreamUrl::from_str("ws://127.0.0.1:8000").expect("default upstream URL"),
             connect_timeout: HumanDuration::secs(5),
             ca: None,
+            server_name: None,
         }
     }
 }
@@ -150,6 +157,13 @@ pub struct RouteConfig {
     /// Liveness keys that differ from the top level.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub liveness: Option<LivenessOverride>,
+}
+
+impl RouteConfig {
+    /// The `route` label: the name, else the path.
+    pub fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.path)
+    }
 }
 
 /// How heartbeats are scheduled.
@@ -622,9 +636,6 @@ impl Config {
 
     /// Checks what serde cannot: ranges, relations between keys, route paths.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.tls.is_some() {
-            return Err(invalid("tls", "TLS termination is not implemented yet"));
-        }
         validate_upstream("upstream", &self.upstream)?;
         validate_heartbeat(
             "heartbeat",
@@ -675,7 +686,7 @@ impl Config {
                     format!("`{}` is listed twice", r.path),
                 ));
             }
-            let name = r.name.as_deref().unwrap_or(&r.path);
+            let name = r.label();
             if name.is_empty() || name == DEFAULT_ROUTE || !seen_names.insert(name) {
                 return Err(invalid(
                     format!("{key}.name"),
@@ -691,6 +702,8 @@ impl Config {
             validate_heartbeat(&format!("{key}.heartbeat"), &route.heartbeat)?;
             validate_liveness(&format!("{key}.liveness"), &route.liveness)?;
         }
+        // Last: the files are read only for an otherwise valid config.
+        crate::tls::Setup::load(self).map_err(|e| invalid(e.key, e.reason))?;
         Ok(())
     }
 
@@ -726,7 +739,7 @@ impl Config {
                     }
                 }
                 Arc::new(Route {
-                    name: r.name.clone().unwrap_or_else(|| r.path.clone()),
+                    name: r.label().to_owned(),
                     path: r.path.clone(),
                     upstream: r.upstream.clone().unwrap_or_else(|| self.upstream.clone()),
                     heartbeat: HeartbeatSettings::from_config(&heartbeat),
@@ -748,10 +761,10 @@ impl Config {
 }
 
 fn validate_upstream(key: &str, u: &UpstreamConfig) -> Result<(), ConfigError> {
-    if u.url.secure {
+    if !u.url.secure && (u.ca.is_some() || u.server_name.is_some()) {
         return Err(invalid(
             format!("{key}.url"),
-            "wss:// upstreams are not implemented yet",
+            "`ca` and `server_name` are for wss:// upstreams only",
         ));
     }
     if u.connect_timeout.0.is_zero() {

@@ -141,13 +141,18 @@ impl Proxy {
             }
             acceptor.accept(stream).await.map(Some)
         };
-        let error =
-            match tokio::time::timeout(self.config.limits.handshake_timeout.0, handshake).await {
-                Ok(Ok(Some(tls))) => return Some(tokio_rustls::TlsStream::Server(tls).into()),
-                Ok(Ok(None)) => return None,
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "no handshake within limits.handshake_timeout".to_owned(),
-            };
+        let deadline = self.config.limits.handshake_timeout.0;
+        // A shutdown does not wait for handshakes: nothing has been proxied yet.
+        let result = tokio::select! {
+            r = tokio::time::timeout(deadline, handshake) => r,
+            _ = self.shutdown.cancelled() => return None,
+        };
+        let error = match result {
+            Ok(Ok(Some(tls))) => return Some(tokio_rustls::TlsStream::Server(tls).into()),
+            Ok(Ok(None)) => return None,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no handshake within limits.handshake_timeout".to_owned(),
+        };
         self.metrics
             .tls_handshake_errors
             .with_label_values(&["client"])

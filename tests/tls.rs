@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::{client, TlsAcceptor, TlsConnector};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::MaybeTlsStream;
-use wsbeat::config::{Config, TlsConfig};
+use wsbeat::config::{Config, HumanDuration, TlsConfig};
 
 const BIN: &str = env!("CARGO_BIN_EXE_wsbeat");
 const HB: &str = "--heartbeat--";
@@ -314,6 +314,28 @@ async fn a_client_that_sends_no_client_hello_is_dropped_at_the_handshake_timeout
     let answer = raw_http(proxy.addr, &upgrade_request("/")).await;
     assert!(!answer.contains("HTTP/1.1"), "{answer}");
     assert_eq!(tls_errors(&proxy, "client").await, 2.0);
+}
+
+#[tokio::test]
+async fn a_shutdown_does_not_wait_for_a_client_that_sends_no_client_hello() {
+    let ca = Ca::new("test CA");
+    let dir = TempDir::new();
+    let backend = Backend::echo().await;
+    let tls = dir.tls(&ca.leaf(&["localhost"], 1));
+    let proxy = Proxy::start(backend.addr, |c| {
+        c.tls = Some(tls);
+        // Longer than the test's patience: only the shutdown can end this handshake.
+        c.limits.handshake_timeout = HumanDuration(PATIENCE * 6);
+        c.shutdown.drain_timeout = HumanDuration(PATIENCE * 6);
+    })
+    .await;
+    let _silent = TcpStream::connect(proxy.addr).await.unwrap();
+    // Connections are accepted in order: once this one is served, the silent one is in
+    // its handshake.
+    let (mut client, _) = wss_connect(proxy.addr, &ca, "/").await;
+    client.close(None).await.unwrap();
+    recv_close(&mut client).await;
+    proxy.stop().await;
 }
 
 #[tokio::test]

@@ -511,6 +511,30 @@ async fn server_name_overrides_the_url_host_for_sni_and_verification() {
     );
 }
 
+#[tokio::test]
+async fn a_route_with_its_own_wss_upstream_gets_its_own_connector() {
+    let ca = Ca::new("route CA");
+    let (secure, mut sni) = wss_backend(&ca.leaf(&["localhost"], 6)).await;
+    let mut plain = Backend::echo().await;
+    let dir = TempDir::new();
+    let ca_file = dir.write("route-ca.crt", &ca.pem);
+    let proxy = Proxy::start(plain.addr, |c| {
+        let yaml = format!(
+            "routes:\n  - name: secure\n    path: /secure\n    upstream: {{ url: \"wss://localhost:{}\", ca: {} }}\n",
+            secure.port(),
+            ca_file.display()
+        );
+        c.routes = Config::from_yaml(&yaml, "routes").unwrap().routes;
+    })
+    .await;
+    let mut client = connect(&proxy.url("/secure/room")).await;
+    echo_roundtrip(&mut client, Message::text("via the route")).await;
+    assert_eq!(sni.recv().await.unwrap().as_deref(), Some("localhost"));
+    let mut client = connect(&proxy.url("/other")).await;
+    echo_roundtrip(&mut client, Message::text("via the default")).await;
+    plain.expect_message(Message::text("via the default")).await;
+}
+
 /// The handshake status through a plain wsbeat, and the upstream error counters.
 async fn assert_refused_for_tls(proxy: &Proxy, why: &str) {
     let answer = raw_http(proxy.addr, &upgrade_request("/")).await;
@@ -695,4 +719,15 @@ fn the_config_accepts_tls_settings_and_checks_them() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("upstream.server_name"), "{e}");
+    // A route's own wss:// upstream is checked under the route's key.
+    let e = Config::from_yaml(
+        "routes:\n  - path: /chat\n    upstream: { url: \"wss://chat:8443\", ca: /nonexistent/ca.pem }\n",
+        "t",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("routes[0].upstream.ca") && e.contains("/nonexistent/ca.pem"),
+        "{e}"
+    );
 }

@@ -734,7 +734,9 @@ fn describe(m: &Message) -> String {
 fn check_loopback(url: &str) -> Result<(), String> {
     let uri: Uri = url.parse().map_err(|e| format!("bad url {url:?}: {e}"))?;
     if !matches!(uri.scheme_str(), Some("ws" | "wss")) {
-        return Err(format!("only ws:// and wss:// URLs are supported, got {url:?}"));
+        return Err(format!(
+            "only ws:// and wss:// URLs are supported, got {url:?}"
+        ));
     }
     let host = uri.host().unwrap_or("");
     let host = host.trim_start_matches('[').trim_end_matches(']');

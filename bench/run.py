@@ -57,6 +57,7 @@ class Scenario:
     size: int = 0
     secs: float = 10.0
     concurrency: int = 0
+    tls: bool = False  # wss:// to the proxy (ws:// behind it); not run against `direct`
 
 
 def scenarios(quick: bool) -> list[Scenario]:
@@ -72,6 +73,10 @@ def scenarios(quick: bool) -> list[Scenario]:
     if not quick:
         out.append(Scenario("d9k", "(d) idle, 9,000 connections", "idle", conns=9000, secs=hold))
     out.append(Scenario("e", "(e) handshakes, concurrency 50", "handshakes", secs=w, concurrency=50))
+    out.append(Scenario("tls-handshakes", "(t) TLS handshakes (wss:// to the proxy, ws:// behind it), "
+                        "concurrency 50", "handshakes", secs=w, concurrency=50, tls=True))
+    out.append(Scenario("tls-d1k", "(t) idle over TLS, 1,000 connections", "idle", conns=1000,
+                        secs=10.0, tls=True))
     return out
 
 
@@ -82,14 +87,16 @@ def select_scenarios(all_s: list[Scenario], only: str | None) -> list[Scenario]:
     out = []
     for s in all_s:
         for w in wanted:
-            if s.key == w or (w == "d" and s.kind == "idle") or w == s.kind:
+            if s.key == w or (w == "d" and s.kind == "idle" and not s.tls) or w == s.kind \
+                    or (w == "tls" and s.tls):
                 out.append(s)
                 break
     unknown = [w for w in wanted if not any(
-        s.key == w or (w == "d" and s.kind == "idle") or w == s.kind for s in all_s)]
+        s.key == w or (w == "d" and s.kind == "idle") or w == s.kind or (w == "tls" and s.tls)
+        for s in all_s)]
     if unknown:
         sys.exit(f"run.py: unknown scenario(s) {unknown}; known: "
-                 f"{[s.key for s in all_s]}, d, pingpong, idle, handshakes")
+                 f"{[s.key for s in all_s]}, d, pingpong, idle, handshakes, tls")
     return out
 
 
@@ -274,7 +281,7 @@ http {{
         server 127.0.0.1:{echo};
     }}
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{tls};
         location / {{
             proxy_pass http://echo;
             proxy_http_version 1.1;
@@ -292,6 +299,12 @@ http {{
 # maxconn: each proxied connection takes two descriptors and the hard open-files limit is
 # 20,000, so HAProxy refuses to start with maxconn 20000 ("Cannot raise FD limit to
 # 40014"); 9980 is the most that fits (it needs 2 * maxconn + ~28).
+# TLS listeners (the tls-* scenarios): the same certificate and key for every target.
+NGINX_TLS = """ ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3"""
+
 HAPROXY_CONF = """\
 global
     maxconn 9980
@@ -307,7 +320,7 @@ defaults
     timeout client-fin 5s
     timeout server-fin 5s
 frontend fe
-    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{port}{tls}
     default_backend be
 backend be
     server echo 127.0.0.1:{echo}
@@ -323,35 +336,67 @@ heartbeat:
   interval: {hb_ms}ms
 liveness:
   ping_interval: {ping_s}s
-"""
+{tls}"""
+
+
+@dataclass
+class Certs:
+    """A CA and a server certificate for 127.0.0.1 (ECDSA P-256), made with openssl."""
+    ca: Path
+    cert: Path
+    key: Path
+    combined: Path  # certificate then key, for HAProxy's `crt`
+
+
+def make_certs(d: Path) -> Certs:
+    def openssl(*args: str) -> None:
+        p = subprocess.run(["openssl", *args], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"openssl {args[0]}: {p.stderr.strip()}")
+    c = Certs(d / "ca.crt", d / "tls.crt", d / "tls.key", d / "combined.pem")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", str(d / "ca.key"), "-out", str(c.ca),
+            "-days", "2", "-subj", "/CN=wsbeat bench CA")
+    openssl("req", *ec, "-keyout", str(c.key), "-out", str(d / "tls.csr"), "-subj", "/CN=127.0.0.1")
+    ext = d / "ext.cnf"
+    ext.write_text("basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", str(d / "tls.csr"), "-CA", str(c.ca), "-CAkey", str(d / "ca.key"),
+            "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(c.cert))
+    c.combined.write_text(c.cert.read_text() + c.key.read_text())
+    return c
 
 
 def expected_procs(target: str) -> int:
     return {"nginx-1": 2, "nginx-auto": 1 + NCPU}.get(target, 1)
 
 
-def start_target(kids: Children, target: str, wsbeat_bin: str, echo_port: int, d: Path) -> tuple[subprocess.Popen, int, Path]:
+def start_target(kids: Children, target: str, wsbeat_bin: str, echo_port: int, d: Path,
+                 certs: Certs | None = None) -> tuple[subprocess.Popen, int, Path]:
+    """Starts `target` in front of the echo backend; with `certs`, its listener speaks TLS."""
     port = free_port()
     log = d / f"{target}.log"
     if target == "wsbeat":
         conf = d / "wsbeat.yaml"
+        tls = f"tls:\n  cert: {certs.cert}\n  key: {certs.key}\n" if certs else ""
         conf.write_text(WSBEAT_CONF.format(port=port, echo=echo_port, hb_ms=HEARTBEAT_INTERVAL_MS,
-                                           ping_s=PING_INTERVAL_S))
+                                           ping_s=PING_INTERVAL_S, tls=tls))
         argv = [wsbeat_bin, "--config", str(conf), "--listen", f"127.0.0.1:{port}",
                 "--upstream", f"ws://127.0.0.1:{echo_port}", "--admin-listen", "off"]
         # One log line per closed WebSocket at `info`; nginx and HAProxy log nothing either.
         env = dict(os.environ, RUST_LOG="warn")
     elif target.startswith("nginx"):
         conf = d / "nginx.conf"
+        tls = NGINX_TLS.format(cert=certs.cert, key=certs.key) if certs else ""
         conf.write_text(NGINX_CONF.format(workers=1 if target == "nginx-1" else "auto", d=d,
-                                          port=port, echo=echo_port))
+                                          port=port, echo=echo_port, tls=tls))
         argv = [NGINX, "-p", str(d), "-e", str(d / "error.log"), "-c", str(conf),
                 "-g", "daemon off;"]
         env = None
     elif target.startswith("haproxy"):
         conf = d / "haproxy.cfg"
         conf.write_text(HAPROXY_CONF.format(nbthread="    nbthread 1" if target == "haproxy-1" else "",
-                                            port=port, echo=echo_port))
+                                            port=port, echo=echo_port,
+                                            tls=f" ssl crt {certs.combined}" if certs else ""))
         argv = [HAPROXY, "-f", str(conf), "-db"]
         env = None
     else:
@@ -406,6 +451,7 @@ class Ctx:
     echo_threads: int
     anchor_hold: float
     verbose: bool
+    certs: Certs | None = None  # made once per run, for the tls-* scenarios
 
 
 def run_one(ctx: Ctx, sc: Scenario, target: str, rnd: int) -> dict:
@@ -432,9 +478,13 @@ def run_one(ctx: Ctx, sc: Scenario, target: str, rnd: int) -> dict:
             proxy_pids = echo_pids
             proxy_log = d / "wsecho.log"
         else:
-            tgt, port, proxy_log = start_target(ctx.kids, target, ctx.wsbeat_bin, echo_port, d)
+            tls = sc.tls
+            if tls and ctx.certs is None:
+                ctx.certs = make_certs(ctx.tmp)
+            tgt, port, proxy_log = start_target(ctx.kids, target, ctx.wsbeat_bin, echo_port, d,
+                                                ctx.certs if tls else None)
             wait_port(port, tgt)
-            url = f"ws://127.0.0.1:{port}/"
+            url = f"{'wss' if tls else 'ws'}://127.0.0.1:{port}/"
         proxy_proc = tgt or echo
         proxy_pids = wait_settled(proxy_proc, expected_procs(target))
         rec["proxy_procs"] = len(proxy_pids)
@@ -450,11 +500,15 @@ def run_one(ctx: Ctx, sc: Scenario, target: str, rnd: int) -> dict:
                 hold = min(sc.secs, ctx.anchor_hold)  # only RSS is reported for these
             argv = ["idle", "--url", url, "--conns", str(sc.conns), "--secs", str(hold),
                     "--interval-ms", str(HEARTBEAT_INTERVAL_MS)]
+            if sc.tls:
+                argv += ["--ca", str(ctx.certs.ca)]
             start_marker = "holding"
             budget = sc.conns / 500 + 10 + hold + 30
         else:
             argv = ["handshakes", "--url", url, "--secs", str(sc.secs),
                     "--concurrency", str(sc.concurrency)]
+            if sc.tls:
+                argv += ["--ca", str(ctx.certs.ca)]
             start_marker = "measuring"
             budget = 1 + sc.secs + 30
         argv = [ctx.wsload_bin, "--threads", str(ctx.gen_threads)] + argv
@@ -733,7 +787,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=None, help="rounds (default 3, 1 with --quick)")
     ap.add_argument("--quick", action="store_true",
                     help="1 round, 3 s windows, idle 1k/3k held 10 s (development)")
-    ap.add_argument("--only", help="scenarios, comma-separated: a,b,c,d (all idle),d1k,d3k,d9k,e")
+    ap.add_argument("--only", help="scenarios, comma-separated: a,b,c,d (plain idle),d1k,d3k,d9k,e,"
+                                   "tls-handshakes,tls-d1k,tls (both)")
     ap.add_argument("--targets", help="comma-separated subset of " + ",".join(TARGETS))
     ap.add_argument("--json", help="write the raw results here")
     ap.add_argument("--gen-threads", type=int, default=1, help="wsload tokio worker threads")
@@ -786,11 +841,13 @@ def main() -> int:
     t0 = time.monotonic()
     interrupted = False
     try:
-        total = rounds * len(scs) * len(targets)
+        total = rounds * sum(len([t for t in targets if not (s.tls and t == "direct")]) for s in scs)
         i = 0
         for rnd in range(1, rounds + 1):
             for sc in scs:
                 for t in targets:
+                    if sc.tls and t == "direct":
+                        continue  # wsecho speaks no TLS
                     i += 1
                     rec = run_one(ctx, sc, t, rnd)
                     runs.append(rec)

@@ -87,11 +87,13 @@ impl Default for Config {
     }
 }
 
-/// TLS termination on the public listener.
+/// TLS termination on the public listener. The files are reloaded when they change
+/// (a Kubernetes secret rotation swaps a symlink): new handshakes get the new
+/// certificate, open connections keep theirs.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
-    /// PEM certificate chain.
+    /// PEM certificate chain, the server's certificate first.
     pub cert: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key: PathBuf,
@@ -127,8 +129,12 @@ pub struct UpstreamConfig {
     /// past it the client gets 504. The body after the head is not timed (downloads and
     /// server-sent events stream as long as they last).
     pub request_timeout: HumanDuration,
-    /// PEM CA bundle that signs a `wss://` upstream's certificate.
+    /// PEM CA bundle that signs a `wss://` upstream's certificate; absent: the webpki
+    /// (Mozilla) roots. There is no switch that turns verification off.
     pub ca: Option<PathBuf>,
+    /// The name a `wss://` upstream's certificate must carry, also sent as SNI; absent:
+    /// the URL's host.
+    pub server_name: Option<String>,
 }
 
 impl Default for UpstreamConfig {
@@ -138,6 +144,7 @@ impl Default for UpstreamConfig {
             connect_timeout: HumanDuration::secs(5),
             request_timeout: HumanDuration::secs(60),
             ca: None,
+            server_name: None,
         }
     }
 }
@@ -163,6 +170,13 @@ pub struct RouteConfig {
     /// The route's own Origin allow-list, replacing the top-level one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_origins: Option<Vec<String>>,
+}
+
+impl RouteConfig {
+    /// The `route` label: the name, else the path.
+    pub fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.path)
+    }
 }
 
 /// How heartbeats are scheduled.
@@ -650,9 +664,6 @@ impl Config {
 
     /// Checks what serde cannot: ranges, relations between keys, route paths.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.tls.is_some() {
-            return Err(invalid("tls", "TLS termination is not implemented yet"));
-        }
         validate_upstream("upstream", &self.upstream)?;
         validate_heartbeat(
             "heartbeat",
@@ -704,7 +715,7 @@ impl Config {
                     format!("`{}` is listed twice", r.path),
                 ));
             }
-            let name = r.name.as_deref().unwrap_or(&r.path);
+            let name = r.label();
             if name.is_empty() || name == DEFAULT_ROUTE || !seen_names.insert(name) {
                 return Err(invalid(
                     format!("{key}.name"),
@@ -724,6 +735,8 @@ impl Config {
                 &self.routes[i].allowed_origins,
             )?;
         }
+        // Last: the files are read only for an otherwise valid config.
+        crate::tls::Setup::load(self).map_err(|e| invalid(e.key, e.reason))?;
         Ok(())
     }
 
@@ -760,7 +773,7 @@ impl Config {
                     }
                 }
                 Arc::new(Route {
-                    name: r.name.clone().unwrap_or_else(|| r.path.clone()),
+                    name: r.label().to_owned(),
                     path: r.path.clone(),
                     upstream: r.upstream.clone().unwrap_or_else(|| self.upstream.clone()),
                     heartbeat: HeartbeatSettings::from_config(&heartbeat),
@@ -813,10 +826,10 @@ fn validate_origins(key: &str, list: &Option<Vec<String>>) -> Result<(), ConfigE
 }
 
 fn validate_upstream(key: &str, u: &UpstreamConfig) -> Result<(), ConfigError> {
-    if u.url.secure {
+    if !u.url.secure && (u.ca.is_some() || u.server_name.is_some()) {
         return Err(invalid(
             format!("{key}.url"),
-            "wss:// upstreams are not implemented yet",
+            "`ca` and `server_name` are for wss:// upstreams only",
         ));
     }
     if u.request_timeout.0.is_zero() {

@@ -11,6 +11,7 @@
 //! - [`heartbeat`]: the heartbeat and liveness state machine (pure, no I/O).
 //! - [`metrics`]: the Prometheus families and the live-connection views.
 //! - [`admin`]: `/metrics`, `/livez`, `/readyz`, `/connections` on their own listener.
+//! - [`tls`]: rustls configs for both legs, certificate reloading, the leg stream type.
 //! - [`shutdown`]: signals and the drain with a deadline.
 //! - [`demo`]: the embedded echo backend behind `wsbeat demo`.
 #![forbid(unsafe_code)]
@@ -25,6 +26,7 @@ pub mod passthrough;
 pub mod relay;
 pub mod server;
 pub mod shutdown;
+pub mod tls;
 pub mod upstream;
 
 use std::future::Future;
@@ -46,10 +48,14 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Binds the configured listeners and serves until `shutdown` resolves, then drains.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    // Checked before binding, so that a certificate gone since `validate` is an error.
+    tls::Setup::load(&config)?;
     let listener = bind(config.listen).await?;
     let admin = match config.admin.listen {
         Some(addr) => Some(bind(addr).await?),
@@ -82,6 +88,13 @@ pub async fn serve(
     let tracker = TaskTracker::new();
     let drain_timeout = config.shutdown.drain_timeout.0;
     let metrics = metrics::Metrics::new(&config.routes(), config.metrics.per_connection);
+    let tls = match tls::Setup::load(&config) {
+        Ok(tls) => tls,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return;
+        }
+    };
     let ready = Arc::new(AtomicBool::new(true));
     // The admin listener is not tracked: it serves until the process exits.
     let admin = admin.map(|listener| {
@@ -93,6 +106,7 @@ pub async fn serve(
     });
     let proxy = Arc::new(server::Proxy::new(
         config,
+        tls,
         metrics,
         token.clone(),
         tracker.clone(),

@@ -32,10 +32,11 @@ const LEGS: [&str; 2] = ["client", "upstream"];
 const DIRECTIONS: [&str; 2] = ["to_client", "to_upstream"];
 const KINDS: [&str; 3] = ["text", "binary", "close"];
 /// `reason` label values of `wsbeat_upstream_errors_total`.
-/// `timeout`, `connect`: dialing; `handshake`, `refused`: the WebSocket handshake;
-/// `http`: a plain-HTTP exchange that broke before the response head.
-pub const UPSTREAM_ERROR_REASONS: [&str; 5] =
-    ["timeout", "connect", "handshake", "refused", "http"];
+/// `timeout`, `connect`: dialing; `tls`: the upstream's certificate or TLS handshake;
+/// `handshake`, `refused`: the WebSocket handshake; `http`: a plain-HTTP exchange that
+/// broke before the response head.
+pub const UPSTREAM_ERROR_REASONS: [&str; 6] =
+    ["timeout", "connect", "tls", "handshake", "refused", "http"];
 /// Round trips and connect times: 1 ms to 10 s.
 const LATENCY_BUCKETS: [f64; 13] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -82,6 +83,9 @@ pub struct Metrics {
     pub close_codes: IntCounterVec,
     pub http_requests: IntCounterVec,
     pub http_request_duration: HistogramVec,
+    /// TLS handshakes that failed, by `leg` (a client that sends nothing and closes is
+    /// not counted; one that sends nothing until `limits.handshake_timeout` is).
+    pub tls_handshake_errors: IntCounterVec,
     connection_last_seen: GaugeVec,
     connection_pong_rtt: GaugeVec,
     /// Live WebSockets by id; ids grow with time, so this is oldest first.
@@ -235,6 +239,12 @@ impl Metrics {
                 &["route"],
                 &HTTP_BUCKETS,
             ),
+            tls_handshake_errors: counter(
+                &r,
+                "wsbeat_tls_handshake_errors_total",
+                "TLS handshakes that failed or timed out.",
+                &["leg"],
+            ),
             connection_last_seen: gauge(
                 "wsbeat_connection_last_seen_seconds",
                 "Seconds since the client's last frame, per connection (metrics.per_connection).",
@@ -278,6 +288,7 @@ impl Metrics {
             }
         }
         for leg in LEGS {
+            m.tls_handshake_errors.with_label_values(&[leg]);
             for code in [1000u16, 1001, 1006, 1011] {
                 m.close_codes
                     .with_label_values(&[leg, &close_code_label(Some(code))]);

@@ -3,18 +3,23 @@
 
 use std::collections::HashMap;
 use std::error::Error as _;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
 
 use crate::config::{Route, Routes};
 use crate::server::{text, Body};
+use crate::tls::{Stream, UpstreamTls};
 use crate::upstream::{add_forwarding, copy_end_to_end, ClientInfo};
 
 /// Idle upstream connections kept per upstream, ready for the next request.
@@ -26,7 +31,62 @@ const VIA: &str = "1.1 wsbeat";
 
 /// One pooled HTTP client per route (each route has its own upstream and timeouts).
 pub struct Passthrough {
-    clients: HashMap<String, Client<HttpConnector, Incoming>>,
+    clients: HashMap<String, Client<UpstreamConnector, Incoming>>,
+}
+
+/// Opens connections to one route's upstream: `ws://` → plain TCP, `wss://` → TLS with
+/// the route's roots and server name. The request's URI is ignored: whatever a client
+/// asks for, the connection goes to the configured upstream.
+#[derive(Clone)]
+pub struct UpstreamConnector {
+    host: String,
+    port: u16,
+    connect_timeout: Duration,
+    tls: Option<UpstreamTls>,
+}
+
+impl tower_service::Service<Uri> for UpstreamConnector {
+    type Response = TokioIo<Stream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<TokioIo<Stream>>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let connect = TcpStream::connect((this.host.as_str(), this.port));
+            let tcp = tokio::time::timeout(this.connect_timeout, connect)
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+            let _ = tcp.set_nodelay(true);
+            let stream = match &this.tls {
+                None => Stream::Plain(tcp),
+                Some(tls) => {
+                    let handshake = tls.connector.connect(tls.server_name.clone(), tcp);
+                    let tls_stream = tokio::time::timeout(this.connect_timeout, handshake)
+                        .await
+                        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+                        .map_err(|e| std::io::Error::other(TlsFailed(e)))?;
+                    tokio_rustls::TlsStream::Client(tls_stream).into()
+                }
+            };
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+/// Marks a failed TLS handshake with the upstream, so it is counted as `tls`.
+#[derive(Debug, thiserror::Error)]
+#[error("TLS handshake with the upstream failed: {0}")]
+struct TlsFailed(std::io::Error);
+
+impl Connection for Stream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
 }
 
 /// Why a request got no response from the upstream; decides the client's status and the
@@ -37,6 +97,9 @@ pub enum ForwardError {
     /// `connect_timeout` (client gets 504).
     #[error("upstream {0} did not answer in time")]
     Timeout(String),
+    /// The upstream's certificate or TLS handshake failed (client gets 502).
+    #[error("upstream {upstream}: {reason}")]
+    Tls { upstream: String, reason: String },
     /// The TCP connect failed (client gets 502).
     #[error("cannot connect to upstream {upstream}: {reason}")]
     Connect { upstream: String, reason: String },
@@ -51,19 +114,24 @@ impl ForwardError {
         match self {
             ForwardError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             ForwardError::Connect { .. } => (StatusCode::BAD_GATEWAY, "connect"),
+            ForwardError::Tls { .. } => (StatusCode::BAD_GATEWAY, "tls"),
             ForwardError::Http { .. } => (StatusCode::BAD_GATEWAY, "http"),
         }
     }
 }
 
 impl Passthrough {
-    pub fn new(routes: &Routes) -> Self {
+    /// `tls` holds the connector of every route with a `wss://` upstream.
+    pub fn new(routes: &Routes, tls: &HashMap<String, UpstreamTls>) -> Self {
         let clients = routes
             .all()
             .map(|route| {
-                let mut connector = HttpConnector::new();
-                connector.set_nodelay(true);
-                connector.set_connect_timeout(Some(route.upstream.connect_timeout.0));
+                let connector = UpstreamConnector {
+                    host: route.upstream.url.host.clone(),
+                    port: route.upstream.url.port,
+                    connect_timeout: route.upstream.connect_timeout.0,
+                    tls: tls.get(&route.name).cloned(),
+                };
                 let client = Client::builder(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .pool_timer(TokioTimer::new())
@@ -84,7 +152,12 @@ impl Passthrough {
         info: ClientInfo,
         route: &Route,
     ) -> Result<Response<Body>, ForwardError> {
-        let upstream = format!("http://{}", route.upstream.url.authority());
+        let scheme = if route.upstream.url.secure {
+            "https"
+        } else {
+            "http"
+        };
+        let upstream = format!("{scheme}://{}", route.upstream.url.authority());
         let client = &self.clients[&route.name];
         let request = upstream_request(req, info, &upstream);
         let response =
@@ -154,6 +227,12 @@ fn classify(e: hyper_util::client::legacy::Error, upstream: String) -> ForwardEr
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
             if io.kind() == std::io::ErrorKind::TimedOut {
                 return ForwardError::Timeout(upstream);
+            }
+            if let Some(tls) = io.get_ref().and_then(|e| e.downcast_ref::<TlsFailed>()) {
+                return ForwardError::Tls {
+                    upstream,
+                    reason: tls.to_string(),
+                };
             }
         }
         source = s.source();

@@ -25,6 +25,7 @@ use crate::config::{Config, Route, Routes};
 use crate::metrics::{ConnectionView, Metrics};
 use crate::passthrough::Passthrough;
 use crate::relay::{self, RelayContext};
+use crate::tls::{self, Stream};
 use crate::upstream::{self, header_tokens, ClientInfo, Dialed};
 
 /// Response body type for everything the public listener answers.
@@ -42,6 +43,7 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 pub struct Proxy {
     pub config: Arc<Config>,
     routes: Routes,
+    tls: tls::Setup,
     metrics: Arc<Metrics>,
     /// Pooled clients for plain HTTP requests.
     passthrough: Passthrough,
@@ -55,6 +57,7 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(
         config: Arc<Config>,
+        tls: tls::Setup,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
         tracker: TaskTracker,
@@ -62,7 +65,8 @@ impl Proxy {
         Proxy {
             metrics,
             routes: config.routes(),
-            passthrough: Passthrough::new(&config.routes()),
+            passthrough: Passthrough::new(&config.routes(), &tls.upstreams),
+            tls,
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             config,
             shutdown,
@@ -94,7 +98,17 @@ impl Proxy {
 
     async fn serve_connection(self: Arc<Self>, stream: TcpStream, addr: SocketAddr) {
         let _ = stream.set_nodelay(true);
-        let info = ClientInfo { addr, tls: false };
+        let stream = match &self.tls.acceptor {
+            None => Stream::Plain(stream),
+            Some(acceptor) => match self.accept_tls(acceptor, stream, addr).await {
+                Some(tls) => tls,
+                None => return,
+            },
+        };
+        let info = ClientInfo {
+            addr,
+            tls: matches!(stream, Stream::Tls(_)),
+        };
         let proxy = self.clone();
         let service = service_fn(move |req| proxy.clone().handle(req, info));
         let conn = http1::Builder::new()
@@ -117,6 +131,41 @@ impl Proxy {
         if let Err(e) = result {
             tracing::debug!(client = %addr, error = %e, "client connection ended with an error");
         }
+    }
+
+    /// The client's TLS handshake, within `limits.handshake_timeout`. A client that
+    /// closes before sending a byte (a TCP health check) is not an error; every other
+    /// failure is counted and logged at debug.
+    async fn accept_tls(
+        &self,
+        acceptor: &tokio_rustls::TlsAcceptor,
+        stream: TcpStream,
+        addr: SocketAddr,
+    ) -> Option<Stream> {
+        let handshake = async {
+            if stream.peek(&mut [0u8; 1]).await? == 0 {
+                return Ok(None);
+            }
+            acceptor.accept(stream).await.map(Some)
+        };
+        let deadline = self.config.limits.handshake_timeout.0;
+        // A shutdown does not wait for handshakes: nothing has been proxied yet.
+        let result = tokio::select! {
+            r = tokio::time::timeout(deadline, handshake) => r,
+            _ = self.shutdown.cancelled() => return None,
+        };
+        let error = match result {
+            Ok(Ok(Some(tls))) => return Some(tokio_rustls::TlsStream::Server(tls).into()),
+            Ok(Ok(None)) => return None,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no handshake within limits.handshake_timeout".to_owned(),
+        };
+        self.metrics
+            .tls_handshake_errors
+            .with_label_values(&["client"])
+            .inc();
+        tracing::debug!(client = %addr, error, "client TLS handshake failed");
+        None
     }
 
     async fn handle(
@@ -211,7 +260,8 @@ impl Proxy {
             .and_then(|accept| HeaderValue::from_str(&accept).ok());
         let client_upgrade = hyper::upgrade::on(&mut req);
         let (parts, _body) = req.into_parts();
-        let dialed = upstream::dial(&route.upstream, &parts, info).await;
+        let upstream_tls = self.tls.upstreams.get(&route.name);
+        let dialed = upstream::dial(&route.upstream, upstream_tls, &parts, info).await;
         let errors = |reason: &str| {
             self.metrics
                 .upstream_errors
@@ -239,6 +289,12 @@ impl Proxy {
             Err(e) => {
                 let (status, reason) = e.status_and_reason();
                 errors(reason);
+                if matches!(e, upstream::DialError::Tls { .. }) {
+                    self.metrics
+                        .tls_handshake_errors
+                        .with_label_values(&["upstream"])
+                        .inc();
+                }
                 tracing::warn!(route = %route.name, error = %e, "upstream handshake failed");
                 return text(status, &format!("wsbeat: {e}"));
             }
@@ -261,10 +317,13 @@ impl Proxy {
         let proxy = self.clone();
         self.tracker.spawn(async move {
             let _permit = permit;
-            let client = match client_upgrade.await.map(upstream::into_tcp) {
+            let client = match client_upgrade.await.map(upstream::into_stream) {
                 Ok(Some(socket)) => socket,
                 Ok(None) => {
-                    tracing::error!(id, "the client's upgraded connection is not TCP");
+                    tracing::error!(
+                        id,
+                        "the client's upgraded connection is not a wsbeat stream"
+                    );
                     return;
                 }
                 Err(e) => {

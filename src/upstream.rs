@@ -15,10 +15,11 @@ use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::config::UpstreamConfig;
+use crate::tls::{Stream, UpstreamTls};
 
-/// The upstream leg once its handshake is done: the TCP stream and any frames that
-/// arrived with the 101.
-pub type UpstreamSocket = crate::relay::Socket<TcpStream>;
+/// The upstream leg once its handshake is done: the stream and any frames that arrived
+/// with the 101.
+pub type UpstreamSocket = crate::relay::Socket<Stream>;
 
 /// Why the upstream leg could not be opened; the variant decides the client's status.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,13 @@ pub enum DialError {
     /// TCP connect failed (client gets 502).
     #[error("cannot connect to upstream {upstream}: {source}")]
     Connect {
+        upstream: String,
+        source: std::io::Error,
+    },
+    /// The TLS handshake failed, e.g. a certificate that does not verify (client gets
+    /// 502).
+    #[error("upstream {upstream} TLS handshake failed: {source}")]
+    Tls {
         upstream: String,
         source: std::io::Error,
     },
@@ -46,10 +54,10 @@ pub enum DialError {
     },
 }
 
-/// Takes the TCP stream back out of a finished hyper upgrade, with the bytes hyper had
+/// Takes the stream back out of a finished hyper upgrade, with the bytes hyper had
 /// already read past the handshake.
-pub fn into_tcp(upgraded: Upgraded) -> Option<crate::relay::Socket<TcpStream>> {
-    let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
+pub fn into_stream(upgraded: Upgraded) -> Option<crate::relay::Socket<Stream>> {
+    let parts = upgraded.downcast::<TokioIo<Stream>>().ok()?;
     Some(crate::relay::Socket {
         io: parts.io.into_inner(),
         leftover: parts.read_buf,
@@ -62,6 +70,7 @@ impl DialError {
         match self {
             DialError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             DialError::Connect { .. } => (StatusCode::BAD_GATEWAY, "connect"),
+            DialError::Tls { .. } => (StatusCode::BAD_GATEWAY, "tls"),
             DialError::Http { .. } => (StatusCode::BAD_GATEWAY, "handshake"),
             DialError::Invalid { .. } => (StatusCode::BAD_GATEWAY, "handshake"),
         }
@@ -217,10 +226,11 @@ fn upstream_request(
     req
 }
 
-/// Dials the upstream and performs the WebSocket handshake, all within
-/// `upstream.connect_timeout`.
+/// Dials the upstream (with TLS for `wss://`: `tls` is its connector) and performs the
+/// WebSocket handshake, all within `upstream.connect_timeout`.
 pub async fn dial(
     upstream: &UpstreamConfig,
+    tls: Option<&UpstreamTls>,
     client: &Parts,
     info: ClientInfo,
 ) -> Result<Dialed, DialError> {
@@ -228,7 +238,7 @@ pub async fn dial(
     let started = Instant::now();
     match tokio::time::timeout(
         upstream.connect_timeout.0,
-        handshake(upstream, client, info, &name, started),
+        handshake(upstream, tls, client, info, &name, started),
     )
     .await
     {
@@ -239,6 +249,7 @@ pub async fn dial(
 
 async fn handshake(
     upstream: &UpstreamConfig,
+    tls: Option<&UpstreamTls>,
     client: &Parts,
     info: ClientInfo,
     name: &str,
@@ -252,11 +263,31 @@ async fn handshake(
         })?;
     // Small frames (heartbeats, chat messages) must not wait for Nagle.
     let _ = tcp.set_nodelay(true);
+    let stream = match tls {
+        // `validate` gave every wss:// route a connector; a missing one is a bug, and
+        // plain text to a TLS port would only fail later and less clearly.
+        None if upstream.url.secure => {
+            return Err(DialError::Tls {
+                upstream: name.to_owned(),
+                source: std::io::Error::other("no TLS settings for this upstream"),
+            })
+        }
+        None => Stream::Plain(tcp),
+        Some(tls) => tls
+            .connector
+            .connect(tls.server_name.clone(), tcp)
+            .await
+            .map(|s| tokio_rustls::TlsStream::Client(s).into())
+            .map_err(|source| DialError::Tls {
+                upstream: name.to_owned(),
+                source,
+            })?,
+    };
     let http_err = |source| DialError::Http {
         upstream: name.to_owned(),
         source,
     };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(http_err)?;
     // The connection task ends when the upgrade completes or the refusal's body is read.
@@ -300,7 +331,8 @@ async fn handshake(
     let mut forwarded = HeaderMap::new();
     copy_end_to_end(headers, &mut forwarded);
     let upgraded = hyper::upgrade::on(&mut response).await.map_err(http_err)?;
-    let socket = into_tcp(upgraded).ok_or_else(|| invalid("the upgraded connection is not TCP"))?;
+    let socket = into_stream(upgraded)
+        .ok_or_else(|| invalid("the upgraded connection is not a wsbeat stream"))?;
     Ok(Dialed::Accepted {
         socket: Box::new(socket),
         protocol,

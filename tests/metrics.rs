@@ -57,6 +57,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("wsbeat_close_codes_total", "counter"),
     ("wsbeat_http_requests_total", "counter"),
     ("wsbeat_http_request_duration_seconds", "histogram"),
+    ("wsbeat_tls_handshake_errors_total", "counter"),
 ];
 const LAST_SEEN: &str = "wsbeat_connection_last_seen_seconds";
 const PONG_RTT: &str = "wsbeat_connection_pong_rtt_seconds";
@@ -68,7 +69,7 @@ const OUTCOMES: &[&str] = &[
     "error",
     "shutdown",
 ];
-const UPSTREAM_ERRORS: &[&str] = &["timeout", "connect", "handshake", "refused"];
+const UPSTREAM_ERRORS: &[&str] = &["timeout", "connect", "tls", "handshake", "refused"];
 
 // ---------------------------------------------------------------------------------------
 // HTTP/1.1 GET over a raw socket.

@@ -11,6 +11,10 @@
 //!   workers; handshakes/s and setup latency.
 //!   stderr: `measuring` when the warm-up ends, `done` when the window ends.
 //!
+//! `wss://` URLs need `--ca FILE` (the PEM CA the target's certificate chains to); every
+//! connection then makes a full TLS handshake (session resumption is off), so that
+//! `handshakes` measures the expensive case.
+//!
 //! Only loopback URLs are accepted.
 
 use std::fmt::Write as _;
@@ -47,6 +51,9 @@ struct Cli {
     /// Tokio worker threads (1 by default so the generator's CPU use is bounded).
     #[arg(long, default_value_t = 1, global = true)]
     threads: usize,
+    /// PEM CA certificate(s) to trust for wss:// URLs (and nothing else).
+    #[arg(long, global = true)]
+    ca: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -138,6 +145,17 @@ fn main() {
     if let Err(e) = check_loopback(url) {
         eprintln!("wsload: {e}");
         std::process::exit(2);
+    }
+    if let Some(ca) = &cli.ca {
+        match tls_connector(ca) {
+            Ok(c) => {
+                let _ = TLS.set(c);
+            }
+            Err(e) => {
+                eprintln!("wsload: --ca {}: {e}", ca.display());
+                std::process::exit(2);
+            }
+        }
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cli.threads.max(1))
@@ -588,10 +606,39 @@ fn ws_config(read_buffer: usize) -> WebSocketConfig {
         .max_frame_size(Some(64 << 20))
 }
 
+/// The TLS client for wss:// URLs, from `--ca`.
+static TLS: OnceLock<tokio_tungstenite::Connector> = OnceLock::new();
+
+/// A rustls client (ring) that trusts the CA certificates in `ca` only and never resumes
+/// a session: each connection pays for a full handshake.
+fn tls_connector(ca: &std::path::Path) -> Result<tokio_tungstenite::Connector, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(tokio_tungstenite::Connector::Rustls(Arc::new(config)))
+}
+
 async fn connect(url: &str, config: WebSocketConfig) -> Result<Ws, String> {
+    let tls = if url.starts_with("wss://") {
+        Some(TLS.get().cloned().ok_or("a wss:// URL needs --ca")?)
+    } else {
+        None
+    };
     match tokio::time::timeout(
         CONNECT_TIMEOUT,
-        tokio_tungstenite::connect_async_with_config(url, Some(config), true),
+        tokio_tungstenite::connect_async_tls_with_config(url, Some(config), true, tls),
     )
     .await
     {
@@ -686,8 +733,10 @@ fn describe(m: &Message) -> String {
 /// The benchmarks only ever target this machine.
 fn check_loopback(url: &str) -> Result<(), String> {
     let uri: Uri = url.parse().map_err(|e| format!("bad url {url:?}: {e}"))?;
-    if uri.scheme_str() != Some("ws") {
-        return Err(format!("only ws:// URLs are supported, got {url:?}"));
+    if !matches!(uri.scheme_str(), Some("ws" | "wss")) {
+        return Err(format!(
+            "only ws:// and wss:// URLs are supported, got {url:?}"
+        ));
     }
     let host = uri.host().unwrap_or("");
     let host = host.trim_start_matches('[').trim_end_matches(']');

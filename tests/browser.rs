@@ -10,7 +10,9 @@ use std::process::Command;
 fn browser_tests_pass_in_headless_chromium() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
     assert!(
-        dir.join("node_modules/playwright-core").is_dir() && dir.join("node_modules/ws").is_dir(),
+        ["playwright-core", "ws", "typescript"]
+            .iter()
+            .all(|package| dir.join("node_modules").join(package).is_dir()),
         "tests/browser/node_modules is missing: run `bash tests/browser/ci-deps.sh`"
     );
     assert!(

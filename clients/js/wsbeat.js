@@ -53,7 +53,19 @@
  *   heartbeat received.
  */
 
-/** The defaults of every option. */
+/**
+ * The options in force: every one filled in but `protocols` and `WebSocket`.
+ * @typedef {Required<Omit<WsBeatOptions, "protocols" | "WebSocket">> &
+ *   Pick<WsBeatOptions, "protocols" | "WebSocket">} ResolvedOptions
+ */
+
+/** @typedef {"open" | "message" | "heartbeat" | "close" | "reconnect"} WsBeatEventType */
+/** @typedef {ReturnType<typeof setTimeout>} Timer */
+
+/**
+ * The defaults of every option.
+ * @type {Readonly<ResolvedOptions>}
+ */
 export const DEFAULTS = Object.freeze({
   interval: 5000,
   heartbeat: "--heartbeat--",
@@ -127,18 +139,26 @@ export class WsBeat extends EventTarget {
   /** @type {((e: WsBeatEvent) => void) | null} */ onclose = null;
   /** @type {((e: WsBeatEvent) => void) | null} */ onreconnect = null;
 
+  /** @type {string} */
   #url;
+  /** @type {Readonly<ResolvedOptions>} */
   #opts;
+  /** @type {typeof WebSocket} */
   #WebSocket;
   /** @type {WebSocket | null} the socket of the current attempt or connection */
   #ws = null;
   #open = false;
   #closed = false;
-  #tickTimer = null;
-  #connectTimer = null;
-  #retryTimer = null;
+  /** @type {Timer | undefined} the open socket's heartbeat tick */
+  #tickTimer = undefined;
+  /** @type {Timer | undefined} the pending attempt's deadline */
+  #connectTimer = undefined;
+  /** @type {Timer | undefined} the next attempt */
+  #retryTimer = undefined;
   #startedAt = 0;
+  /** @type {number | null} monotonic time of the last heartbeat on this connection */
   #lastBeat = null;
+  /** @type {WsBeatStats} */
   #stats = {
     heartbeatsReceived: 0,
     heartbeatsSent: 0,
@@ -211,10 +231,11 @@ export class WsBeat extends EventTarget {
     if (this.#closed) return;
     this.#closed = true;
     clearTimeout(this.#retryTimer);
-    this.#retryTimer = null;
+    this.#retryTimer = undefined;
     this.#drop(code, reason);
   }
 
+  /** @param {boolean} [first] the constructor's attempt, whose errors are the caller's */
   #connect(first = false) {
     this.#startedAt = monotonic();
     let ws;
@@ -238,9 +259,10 @@ export class WsBeat extends EventTarget {
     );
   }
 
+  /** @param {WebSocket} ws */
   #onOpen(ws) {
     clearTimeout(this.#connectTimer);
-    this.#connectTimer = null;
+    this.#connectTimer = undefined;
     this.#open = true;
     this.#lastBeat = null;
     const s = this.#stats;
@@ -254,6 +276,7 @@ export class WsBeat extends EventTarget {
     this.#emit("open", { roundTrip: s.roundTrip, reconnected });
   }
 
+  /** @param {WebSocket} ws */
   #tick(ws) {
     // The interval is cleared whenever `ws` stops being the open socket; the check is a
     // second line of defence, never the first.
@@ -268,6 +291,7 @@ export class WsBeat extends EventTarget {
     s.heartbeatsSent += 1;
   }
 
+  /** @param {MessageEvent} e */
   #onMessage(e) {
     const s = this.#stats;
     if (e.data === this.#opts.heartbeat) {
@@ -286,7 +310,11 @@ export class WsBeat extends EventTarget {
     this.#emit("message", { data: e.data });
   }
 
-  /** Gives the current socket up ourselves: detach it, close it, carry on as if lost. */
+  /**
+   * Gives the current socket up ourselves: detach it, close it, carry on as if lost.
+   * @param {number} code
+   * @param {string} reason
+   */
   #drop(code, reason) {
     const ws = this.#ws;
     if (ws) {
@@ -300,11 +328,16 @@ export class WsBeat extends EventTarget {
     this.#lost(code, reason, false);
   }
 
-  /** The current socket is gone (or never opened): clear its timers, report, retry. */
+  /**
+   * The current socket is gone (or never opened): clear its timers, report, retry.
+   * @param {number} code
+   * @param {string} reason
+   * @param {boolean} wasClean
+   */
   #lost(code, reason, wasClean) {
     clearInterval(this.#tickTimer);
     clearTimeout(this.#connectTimer);
-    this.#tickTimer = this.#connectTimer = null;
+    this.#tickTimer = this.#connectTimer = undefined;
     this.#ws = null;
     const wasOpen = this.#open;
     this.#open = false;
@@ -316,20 +349,24 @@ export class WsBeat extends EventTarget {
 
   #retry() {
     // A handler may have called close(); a retry may already be scheduled.
-    if (this.#closed || this.#retryTimer !== null) return;
+    if (this.#closed || this.#retryTimer !== undefined) return;
     const s = this.#stats;
     s.attempt += 1;
     const delay = backoffDelay(s.attempt, this.#opts);
     this.#retryTimer = setTimeout(() => {
-      this.#retryTimer = null;
+      this.#retryTimer = undefined;
       if (!this.#closed) this.#connect();
     }, delay);
     this.#emit("reconnect", { attempt: s.attempt, delay });
   }
 
+  /**
+   * @param {WsBeatEventType} type
+   * @param {object} fields
+   */
   #emit(type, fields) {
     const event = new WsBeatEvent(type, fields);
-    const handler = this[`on${type}`];
+    const handler = this[/** @type {`on${WsBeatEventType}`} */ (`on${type}`)];
     if (typeof handler === "function") {
       try {
         handler.call(this, event);
@@ -342,6 +379,7 @@ export class WsBeat extends EventTarget {
   }
 }
 
+/** @param {unknown} error */
 function reportLater(error) {
   if (typeof globalThis.reportError === "function") {
     globalThis.reportError(error);
@@ -352,7 +390,12 @@ function reportLater(error) {
   }
 }
 
+/**
+ * @param {ResolvedOptions} o
+ * @returns {Readonly<ResolvedOptions>}
+ */
 function checkOptions(o) {
+  /** @param {"interval" | "connectTimeout"} name */
   const positive = (name) => {
     if (!(Number.isFinite(o[name]) && o[name] > 0)) {
       throw new RangeError(`wsbeat: ${name} must be a positive number of ms, not ${o[name]}`);

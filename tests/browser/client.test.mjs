@@ -4,24 +4,15 @@
 // back after SIGCONT. Short intervals: wsbeat beats every 200 ms, the client ticks every
 // 400 ms.
 import assert from "node:assert/strict";
-import { after, afterEach, before, beforeEach, describe, it } from "node:test";
+import { describe, it } from "node:test";
 
-import { PATIENCE_MS, launchChromium, startBackend, startPageServer, startWsbeat } from "./lib.mjs";
+import { PATIENCE_MS, browserSuite, startBackend, startWsbeat } from "./lib.mjs";
 
 const WSBEAT_INTERVAL = "200ms";
 const CLIENT = { interval: 400, maxMissed: 3, minDelay: 100, maxDelay: 1000, jitter: 0.5, connectTimeout: 2000 };
 
 describe("wsbeat.js in Chromium", { concurrency: true }, () => {
-  let browser;
-  let pages;
-  before(async () => {
-    browser = await launchChromium();
-    pages = await startPageServer();
-  });
-  after(async () => {
-    await browser?.close();
-    await pages?.close();
-  });
+  const suite = browserSuite();
 
   /**
    * A page with `track()` loaded. Uncaught exceptions are kept (a heartbeat sent on a
@@ -29,16 +20,28 @@ describe("wsbeat.js in Chromium", { concurrency: true }, () => {
    * are expected and not.
    */
   async function clientPage(t) {
-    const page = await browser.newPage();
+    const page = await suite.browser.newPage();
     const errors = [];
     page.on("pageerror", (e) => errors.push(e.message));
-    await page.goto(pages.url("client.html"));
+    await page.goto(suite.pages.url("client.html"));
     await page.waitForFunction(() => window.ready === true);
     t.after(() => page.close());
     return { page, errors };
   }
 
-  const track = (page, url, options) => page.evaluate(([u, o]) => window.track(u, o), [url, options]);
+  /**
+   * A backend, wsbeat (200 ms heartbeats) in front of it, and a page tracking a WsBeat
+   * through it. `setup.backend` is the one stopped at the end (a test may replace it).
+   */
+  async function through(t, backendOptions) {
+    const setup = { backend: await startBackend(backendOptions) };
+    setup.wsbeat = await startWsbeat({ upstream: setup.backend.url, interval: WSBEAT_INTERVAL });
+    t.after(() => setup.wsbeat.stop());
+    t.after(() => setup.backend.kill());
+    Object.assign(setup, await clientPage(t));
+    await setup.page.evaluate(([u, o]) => window.track(u, o), [`${setup.wsbeat.url}/`, CLIENT]);
+    return setup;
+  }
   const events = (page, type) => page.evaluate((ty) => window.events.filter((e) => e.type === ty), type);
   const countOf = (page, type, n, timeout = PATIENCE_MS) =>
     page.waitForFunction(([ty, k]) => window.events.filter((e) => e.type === ty).length >= k, [type, n], {
@@ -46,12 +49,7 @@ describe("wsbeat.js in Chromium", { concurrency: true }, () => {
     });
 
   it("the application sees only its own messages, never a heartbeat", async (t) => {
-    const backend = await startBackend({ tickMs: 50 });
-    const wsbeat = await startWsbeat({ upstream: backend.url, interval: WSBEAT_INTERVAL });
-    t.after(() => wsbeat.stop());
-    t.after(() => backend.kill());
-    const { page, errors } = await clientPage(t);
-    await track(page, `${wsbeat.url}/`, CLIENT);
+    const { backend, page, errors } = await through(t, { tickMs: 50 });
     await countOf(page, "open", 1);
     await page.evaluate(() => window.client.send("hello from the app"));
     await countOf(page, "heartbeat", 5);
@@ -77,16 +75,12 @@ describe("wsbeat.js in Chromium", { concurrency: true }, () => {
   });
 
   it("reconnects within the backoff bound after the backend restarts", async (t) => {
-    let backend = await startBackend();
-    const port = backend.port;
-    const wsbeat = await startWsbeat({ upstream: backend.url, interval: WSBEAT_INTERVAL });
-    t.after(() => wsbeat.stop());
-    t.after(() => backend.kill());
-    const { page, errors } = await clientPage(t);
-    await track(page, `${wsbeat.url}/`, CLIENT);
+    const setup = await through(t);
+    const { page, errors } = setup;
+    const port = setup.backend.port;
     await countOf(page, "heartbeat", 1);
 
-    await backend.kill();
+    await setup.backend.kill();
     // wsbeat reports the lost backend with 1011; every attempt while it is down gets 502.
     await countOf(page, "close", 1);
     const [closed] = await events(page, "close");
@@ -96,7 +90,7 @@ describe("wsbeat.js in Chromium", { concurrency: true }, () => {
     const capped = Math.ceil(Math.log2(CLIENT.maxDelay / CLIENT.minDelay)) + 2;
     await countOf(page, "reconnect", capped, PATIENCE_MS * 2);
 
-    backend = await startBackend({ port });
+    setup.backend = await startBackend({ port });
     const restarted = Date.now();
     await countOf(page, "open", 2, CLIENT.maxDelay + PATIENCE_MS);
     const took = Date.now() - restarted;
@@ -117,12 +111,7 @@ describe("wsbeat.js in Chromium", { concurrency: true }, () => {
   });
 
   it("gives the socket up after maxMissed intervals when wsbeat freezes, and recovers after SIGCONT", async (t) => {
-    const backend = await startBackend();
-    const wsbeat = await startWsbeat({ upstream: backend.url, interval: WSBEAT_INTERVAL });
-    t.after(() => wsbeat.stop());
-    t.after(() => backend.kill());
-    const { page, errors } = await clientPage(t);
-    await track(page, `${wsbeat.url}/`, CLIENT);
+    const { wsbeat, page, errors } = await through(t);
     await countOf(page, "heartbeat", 2);
 
     const frozenAt = await page.evaluate(() => performance.now());

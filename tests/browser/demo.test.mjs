@@ -8,7 +8,7 @@ import path from "node:path";
 import readline from "node:readline";
 import { after, before, describe, it } from "node:test";
 
-import { PATIENCE_MS, REPO, launchChromium, wsbeatBin } from "./lib.mjs";
+import { PATIENCE_MS, REPO, browserSuite, wsbeatBin } from "./lib.mjs";
 
 const VIEWPORT = { width: 1280, height: 860 };
 /** wsbeat's default heartbeat interval, which the demo uses. */
@@ -41,19 +41,15 @@ function pngSize(png) {
 }
 
 describe("wsbeat demo in Chromium", () => {
-  let browser;
+  const suite = browserSuite();
   let demo;
   before(async () => {
-    browser = await launchChromium();
     demo = await startDemo();
   });
-  after(async () => {
-    await browser?.close();
-    demo?.child.kill("SIGKILL");
-  });
+  after(() => demo?.child.kill("SIGKILL"));
 
   it("renders, shows heartbeats, pauses the backend and survives a killed connection", async () => {
-    const page = await browser.newPage({ viewport: VIEWPORT });
+    const page = await suite.browser.newPage({ viewport: VIEWPORT });
     const errors = [];
     page.on("pageerror", (e) => errors.push(e.message));
     await page.goto(demo.pageUrl);

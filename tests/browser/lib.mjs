@@ -6,6 +6,7 @@ import http from "node:http";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import readline from "node:readline";
+import { after, before } from "node:test";
 import { fileURLToPath } from "node:url";
 
 import { chromium } from "playwright-core";
@@ -200,4 +201,22 @@ export async function launchChromium() {
       "--disable-backgrounding-occluded-windows",
     ],
   });
+}
+
+/**
+ * For a `describe` block: Chromium and the page server, started before its tests and
+ * stopped after them. The returned object's fields are set once `before` has run.
+ * @returns {{browser: import("playwright-core").Browser, pages: Awaited<ReturnType<typeof startPageServer>>}}
+ */
+export function browserSuite() {
+  const suite = /** @type {any} */ ({});
+  before(async () => {
+    suite.browser = await launchChromium();
+    suite.pages = await startPageServer();
+  });
+  after(async () => {
+    await suite.browser?.close();
+    await suite.pages?.close();
+  });
+  return suite;
 }

@@ -4,9 +4,9 @@
 // does; `mode: idle` starves it of heartbeats while the backend is busy, and it drops.
 // The snippet's timing is its own (5 s × 3), so each case takes 30 s; they run at once.
 import assert from "node:assert/strict";
-import { after, before, describe, it } from "node:test";
+import { after, describe, it } from "node:test";
 
-import { PATIENCE_MS, launchChromium, startBackend, startPageServer, startWsbeat } from "./lib.mjs";
+import { PATIENCE_MS, browserSuite, startBackend, startWsbeat } from "./lib.mjs";
 
 const HOLD_MS = 30_000;
 const SNIPPET_TICK_MS = 5_000;
@@ -15,17 +15,10 @@ const WSBEAT_INTERVAL_MS = 4_000;
 const BUSY_TICK_MS = 100;
 
 describe("the ws4redis client snippet through wsbeat", { concurrency: true }, () => {
-  let browser;
-  let pages;
+  const suite = browserSuite();
   const cleanup = [];
-  before(async () => {
-    browser = await launchChromium();
-    pages = await startPageServer();
-  });
   after(async () => {
     for (const stop of cleanup) await stop();
-    await browser?.close();
-    await pages?.close();
   });
 
   /** Opens the snippet through wsbeat (in `mode`) to a busy or idle backend. */
@@ -34,8 +27,8 @@ describe("the ws4redis client snippet through wsbeat", { concurrency: true }, ()
     cleanup.push(() => backend.kill());
     const wsbeat = await startWsbeat({ upstream: backend.url, interval: "4s", mode });
     cleanup.push(() => wsbeat.stop());
-    const page = await browser.newPage();
-    await page.goto(pages.url(`ws4redis.html?ws=${encodeURIComponent(`${wsbeat.url}/`)}`));
+    const page = await suite.browser.newPage();
+    await page.goto(suite.pages.url(`ws4redis.html?ws=${encodeURIComponent(`${wsbeat.url}/`)}`));
     await page.waitForFunction(() => window.record.opened !== null, null, { timeout: PATIENCE_MS });
     return page;
   }

@@ -43,7 +43,7 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Address of the public listener (WebSockets and, later, plain HTTP).
+    /// Address of the public listener: WebSockets and plain HTTP on one port.
     pub listen: SocketAddr,
     /// Terminate TLS on the public listener. Absent: plain TCP.
     pub tls: Option<TlsConfig>,
@@ -53,6 +53,10 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Path-prefix routes; the longest matching prefix wins, else `upstream`.
     pub routes: Vec<RouteConfig>,
+    /// Origins (`https://app.example`) whose pages may open WebSockets; a handshake
+    /// from any other `Origin` gets 403 (cross-site WebSocket hijacking). A handshake
+    /// without `Origin` (not from a browser) passes. `null`: any origin.
+    pub allowed_origins: Option<Vec<String>>,
     /// Heartbeats sent to clients and dropped from them (the ws4redis protocol).
     pub heartbeat: HeartbeatConfig,
     /// Protocol PINGs and the dead-peer verdict.
@@ -73,6 +77,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             upstream: UpstreamConfig::default(),
             routes: Vec::new(),
+            allowed_origins: None,
             heartbeat: HeartbeatConfig::default(),
             liveness: LivenessConfig::default(),
             limits: LimitsConfig::default(),
@@ -118,6 +123,10 @@ pub struct UpstreamConfig {
     /// Time allowed to connect and complete the upstream handshake; past it the client
     /// gets 504.
     pub connect_timeout: HumanDuration,
+    /// Plain HTTP: time allowed from sending a request to the upstream's response head;
+    /// past it the client gets 504. The body after the head is not timed (downloads and
+    /// server-sent events stream as long as they last).
+    pub request_timeout: HumanDuration,
     /// PEM CA bundle that signs a `wss://` upstream's certificate.
     pub ca: Option<PathBuf>,
 }
@@ -127,6 +136,7 @@ impl Default for UpstreamConfig {
         UpstreamConfig {
             url: UpstreamUrl::from_str("ws://127.0.0.1:8000").expect("default upstream URL"),
             connect_timeout: HumanDuration::secs(5),
+            request_timeout: HumanDuration::secs(60),
             ca: None,
         }
     }
@@ -150,6 +160,9 @@ pub struct RouteConfig {
     /// Liveness keys that differ from the top level.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub liveness: Option<LivenessOverride>,
+    /// The route's own Origin allow-list, replacing the top-level one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_origins: Option<Vec<String>>,
 }
 
 /// How heartbeats are scheduled.
@@ -520,6 +533,21 @@ pub struct Route {
     pub upstream: UpstreamConfig,
     pub heartbeat: HeartbeatSettings,
     pub liveness: LivenessConfig,
+    /// Lower-cased origins allowed to open WebSockets; `None`: any.
+    pub allowed_origins: Option<Vec<String>>,
+}
+
+impl Route {
+    /// Whether a WebSocket handshake with this `Origin` header (absent: not a browser)
+    /// may proceed. Scheme and host compare case-insensitively.
+    pub fn origin_allowed(&self, origin: Option<&[u8]>) -> bool {
+        match (&self.allowed_origins, origin) {
+            (None, _) | (Some(_), None) => true,
+            (Some(list), Some(origin)) => list
+                .iter()
+                .any(|allowed| allowed.as_bytes().eq_ignore_ascii_case(origin)),
+        }
+    }
 }
 
 /// Heartbeat settings in the form the relay uses.
@@ -631,6 +659,7 @@ impl Config {
             &HeartbeatSettings::from_config(&self.heartbeat),
         )?;
         validate_liveness("liveness", &self.liveness)?;
+        validate_origins("allowed_origins", &self.allowed_origins)?;
         if self.limits.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be at least 1"));
         }
@@ -690,6 +719,10 @@ impl Config {
             }
             validate_heartbeat(&format!("{key}.heartbeat"), &route.heartbeat)?;
             validate_liveness(&format!("{key}.liveness"), &route.liveness)?;
+            validate_origins(
+                &format!("{key}.allowed_origins"),
+                &self.routes[i].allowed_origins,
+            )?;
         }
         Ok(())
     }
@@ -702,6 +735,7 @@ impl Config {
             upstream: self.upstream.clone(),
             heartbeat: HeartbeatSettings::from_config(&self.heartbeat),
             liveness: self.liveness.clone(),
+            allowed_origins: normalize_origins(&self.allowed_origins),
         });
         // Keep config order for validation messages; matching order is by length below.
         let routes: Vec<Arc<Route>> = self
@@ -731,6 +765,9 @@ impl Config {
                     upstream: r.upstream.clone().unwrap_or_else(|| self.upstream.clone()),
                     heartbeat: HeartbeatSettings::from_config(&heartbeat),
                     liveness,
+                    allowed_origins: normalize_origins(
+                        r.allowed_origins.as_ref().or(self.allowed_origins.as_ref()),
+                    ),
                 })
             })
             .collect();
@@ -747,11 +784,45 @@ impl Config {
     }
 }
 
+fn normalize_origins<'a>(list: impl Into<Option<&'a Vec<String>>>) -> Option<Vec<String>> {
+    list.into().map(|l| {
+        l.iter()
+            .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+            .collect()
+    })
+}
+
+/// An origin is `scheme://host[:port]`, as browsers send it: no path, no query.
+fn validate_origins(key: &str, list: &Option<Vec<String>>) -> Result<(), ConfigError> {
+    for (i, origin) in list.iter().flatten().enumerate() {
+        let trimmed = origin.trim_end_matches('/');
+        let ok = trimmed.parse::<Uri>().is_ok_and(|u| {
+            u.scheme().is_some()
+                && u.authority().is_some()
+                && u.path_and_query()
+                    .is_none_or(|pq| matches!(pq.as_str(), "" | "/"))
+        });
+        if !ok {
+            return Err(invalid(
+                format!("{key}[{i}]"),
+                format!("`{origin}` is not an origin like `https://app.example` or `http://localhost:3000`"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn validate_upstream(key: &str, u: &UpstreamConfig) -> Result<(), ConfigError> {
     if u.url.secure {
         return Err(invalid(
             format!("{key}.url"),
             "wss:// upstreams are not implemented yet",
+        ));
+    }
+    if u.request_timeout.0.is_zero() {
+        return Err(invalid(
+            format!("{key}.request_timeout"),
+            "must be longer than 0s",
         ));
     }
     if u.connect_timeout.0.is_zero() {
@@ -904,6 +975,36 @@ mod tests {
         let c = parse("routes:\n  - path: /quiet\n    heartbeat: { message: null }\n").unwrap();
         assert!(c.routes().resolve("/quiet").heartbeat.message.is_none());
         assert!(c.routes().resolve("/").heartbeat.message.is_some());
+    }
+
+    #[test]
+    fn allowed_origins_are_origins_and_routes_replace_the_list() {
+        let c = parse(
+            "allowed_origins: ['https://App.example/']\nroutes:\n  - path: /open\n    allowed_origins: ['http://localhost:3000']\n  - path: /same\n",
+        )
+        .unwrap();
+        let routes = c.routes();
+        let origin = |path: &str, o: &str| routes.resolve(path).origin_allowed(Some(o.as_bytes()));
+        assert!(origin("/", "https://app.example"));
+        assert!(!origin("/", "https://app.example.evil"));
+        assert!(origin("/same/x", "https://APP.example"));
+        assert!(origin("/open", "http://localhost:3000"));
+        assert!(!origin("/open", "https://app.example"));
+        assert!(
+            routes.resolve("/").origin_allowed(None),
+            "non-browser clients pass"
+        );
+        assert!(parse("")
+            .unwrap()
+            .routes()
+            .resolve("/")
+            .origin_allowed(Some(b"x")));
+        for bad in ["app.example", "https://app.example/path", "*"] {
+            let e = parse(&format!("allowed_origins: ['{bad}']\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("allowed_origins[0]"), "{bad}: {e}");
+        }
     }
 
     #[test]

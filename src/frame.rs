@@ -101,6 +101,9 @@ pub struct Parser {
     /// bytes, once they pass the checks: a frame refused in its first read leaves the
     /// other leg's stream between frames, where a close frame can still go.
     header_pending: bool,
+    /// The parser failed after part of a data frame was forwarded: the other leg's
+    /// stream stays inside that frame for good, so nothing may be written after it.
+    cut_mid_frame: bool,
     held: [u8; MAX_CONTROL_PAYLOAD],
     held_len: usize,
 }
@@ -120,15 +123,16 @@ impl Parser {
             utf8: Utf8Check::default(),
             payload_pos: 0,
             header_pending: false,
+            cut_mid_frame: false,
             held: [0; MAX_CONTROL_PAYLOAD],
             held_len: 0,
         }
     }
 
     /// True while a data frame is being forwarded: frames of wsbeat's own for the
-    /// other leg must wait for its end.
+    /// other leg must wait for its end (forever, when the frame was cut by a violation).
     pub fn mid_frame(&self) -> bool {
-        matches!(self.state, State::Forward { .. }) && !self.header_pending
+        (matches!(self.state, State::Forward { .. }) && !self.header_pending) || self.cut_mid_frame
     }
 
     /// True while a data message is being forwarded: a heartbeat (a data frame itself)
@@ -169,7 +173,14 @@ impl Parser {
                         .len()
                         .min(usize::try_from(remaining).unwrap_or(usize::MAX));
                     if self.message_text {
-                        if let Err(v) = self.check_text(&rest[..n]) {
+                        // Checked before forwarding, the end of the message included,
+                        // so that an invalid message never passes whole.
+                        let ends_message = fin && n as u64 == remaining;
+                        let checked = self
+                            .check_text(&rest[..n])
+                            .and_then(|()| self.check_text_end(ends_message));
+                        if let Err(v) = checked {
+                            self.cut_mid_frame = !self.header_pending;
                             self.state = State::Failed;
                             return (used, Some(Event::Violation(v)));
                         }
@@ -337,6 +348,7 @@ impl Parser {
                     return Ok(None);
                 }
                 if len == 0 {
+                    self.check_text_end(fin && self.message_text)?;
                     forward(&self.header[..self.header_len], true);
                     return Ok(Some(self.end_data_frame(fin)));
                 }
@@ -368,16 +380,19 @@ impl Parser {
         Ok(())
     }
 
+    /// At the end of a text message (`ends_message`): no code point may be left
+    /// incomplete. Called before the message's last bytes are forwarded.
+    fn check_text_end(&mut self, ends_message: bool) -> Result<(), Violation> {
+        if ends_message && !self.utf8.finish() {
+            return violation(close::INVALID_PAYLOAD, "text message is not valid UTF-8");
+        }
+        Ok(())
+    }
+
+    /// A data frame has been forwarded whole (its text checked by `check_text_end`).
     fn end_data_frame(&mut self, fin: bool) -> Event {
         self.state = State::Header;
         self.header_len = 0;
-        if fin && self.message_text && !self.utf8.finish() {
-            self.state = State::Failed;
-            return Event::Violation(Violation {
-                code: close::INVALID_PAYLOAD,
-                reason: "text message is not valid UTF-8",
-            });
-        }
         Event::DataFrameEnd {
             fin,
             text: self.message_text,
@@ -809,6 +824,44 @@ mod tests {
             let mut server = Parser::new(Sender::Server, 1 << 20, None);
             assert_eq!(run(&mut server, &s, 1000).0, s);
         }
+    }
+
+    #[test]
+    fn an_invalid_text_message_is_never_forwarded_whole() {
+        // The incomplete last code point is seen before the last byte is forwarded, at
+        // any chunking, and with an empty final fragment too.
+        let single = client_frame(OP_TEXT, true, b"ok \xce");
+        let mut split = client_frame(OP_TEXT, false, b"a\xce");
+        split.extend(client_frame(OP_CONTINUATION, true, b""));
+        for input in [single, split] {
+            for step in [1, 3, 100] {
+                let (forwarded, events) = run(&mut client_parser(), &input, step);
+                assert!(forwarded.len() < input.len(), "step {step}: all forwarded");
+                assert!(
+                    matches!(events.last(), Some(Event::Violation(_))),
+                    "{events:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_frame_cut_by_a_violation_stays_mid_frame() {
+        // Part of the frame has been forwarded when its text turns invalid: the other
+        // leg's stream is inside that frame for good.
+        let mut p = client_parser();
+        let f = client_frame(OP_TEXT, true, b"fine up to here \xff");
+        let (forwarded, events) = run(&mut p, &f, f.len() - 1);
+        assert!(
+            matches!(events.last(), Some(Event::Violation(_))),
+            "{events:?}"
+        );
+        assert!(!forwarded.is_empty());
+        assert!(p.mid_frame());
+        // A violation before anything of the frame passed leaves it between frames.
+        let mut p = client_parser();
+        run(&mut p, &client_frame(OP_TEXT, true, b"\xff"), 100);
+        assert!(!p.mid_frame());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`config`]: the YAML configuration, its defaults and validation, resolved routes.
 //! - [`server`]: the public listener, client handshake checks, routing.
 //! - [`upstream`]: the upstream leg's handshake with the forwarded headers.
+//! - [`passthrough`]: plain HTTP requests, proxied through a pooled client.
 //! - [`relay`]: the per-connection loop that holds both sockets.
 //! - [`frame`]: WebSocket frames on the wire: the validating parser and the encoder.
 //! - [`heartbeat`]: the heartbeat and liveness state machine (pure, no I/O).
@@ -20,6 +21,7 @@ pub mod demo;
 pub mod frame;
 pub mod heartbeat;
 pub mod metrics;
+pub mod passthrough;
 pub mod relay;
 pub mod server;
 pub mod shutdown;

@@ -46,7 +46,12 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Validate the configuration and print the effective config as YAML.
-    Check,
+    Check {
+        /// Also show which route a request path maps to (repeatable), e.g.
+        /// `--route /ws/chat/1`; printed as YAML comments after the config.
+        #[arg(long = "route", value_name = "PATH")]
+        routes: Vec<String>,
+    },
     /// Run an echo backend with wsbeat in front of it, for a first look.
     Demo {
         /// Where the demo proxy listens.
@@ -100,10 +105,19 @@ async fn main() -> ExitCode {
         Some(Command::Demo { listen }) => {
             wsbeat::demo::run(*listen, wsbeat::shutdown::signal()).await
         }
-        Some(Command::Check) => {
+        Some(Command::Check { routes }) => {
             return match load_config(&cli) {
                 Ok(config) => {
                     print!("{}", config.to_yaml());
+                    let resolved = config.routes();
+                    for path in routes {
+                        let without_query = path.split(['?', '#']).next().unwrap_or(path);
+                        let route = resolved.resolve(without_query);
+                        println!(
+                            "# {path} -> route `{}` (prefix {}, upstream {})",
+                            route.name, route.path, route.upstream.url
+                        );
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => config_error(e),

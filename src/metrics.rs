@@ -32,10 +32,17 @@ const LEGS: [&str; 2] = ["client", "upstream"];
 const DIRECTIONS: [&str; 2] = ["to_client", "to_upstream"];
 const KINDS: [&str; 3] = ["text", "binary", "close"];
 /// `reason` label values of `wsbeat_upstream_errors_total`.
-pub const UPSTREAM_ERROR_REASONS: [&str; 4] = ["timeout", "connect", "handshake", "refused"];
+/// `timeout`, `connect`: dialing; `handshake`, `refused`: the WebSocket handshake;
+/// `http`: a plain-HTTP exchange that broke before the response head.
+pub const UPSTREAM_ERROR_REASONS: [&str; 5] =
+    ["timeout", "connect", "handshake", "refused", "http"];
 /// Round trips and connect times: 1 ms to 10 s.
 const LATENCY_BUCKETS: [f64; 13] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Plain-HTTP time to response head: 1 ms to 60 s (the default request timeout).
+const HTTP_BUCKETS: [f64; 15] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 /// Connection lifetimes: 1 s to 1 day.
 const DURATION_BUCKETS: [f64; 10] = [
@@ -74,6 +81,7 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     pub close_codes: IntCounterVec,
     pub http_requests: IntCounterVec,
+    pub http_request_duration: HistogramVec,
     connection_last_seen: GaugeVec,
     connection_pong_rtt: GaugeVec,
     /// Live WebSockets by id; ids grow with time, so this is oldest first.
@@ -220,6 +228,13 @@ impl Metrics {
                 "HTTP responses on the public listener, by status.",
                 &["route", "status"],
             ),
+            http_request_duration: histogram(
+                &r,
+                "wsbeat_http_request_duration_seconds",
+                "Plain HTTP: time from the request head to the response head sent back.",
+                &["route"],
+                &HTTP_BUCKETS,
+            ),
             connection_last_seen: gauge(
                 "wsbeat_connection_last_seen_seconds",
                 "Seconds since the client's last frame, per connection (metrics.per_connection).",
@@ -241,6 +256,7 @@ impl Metrics {
             m.client_silence.with_label_values(&[name]);
             m.upstream_connect.with_label_values(&[name]);
             m.http_requests.with_label_values(&[name, "101"]);
+            m.http_request_duration.with_label_values(&[name]);
             for outcome in OUTCOMES {
                 m.connections_total
                     .with_label_values(&[name, outcome.as_str()]);
@@ -521,6 +537,7 @@ mod tests {
             "wsbeat_upstream_errors_total",
             "wsbeat_close_codes_total",
             "wsbeat_http_requests_total",
+            "wsbeat_http_request_duration_seconds",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {family} ")),

@@ -111,6 +111,10 @@ pub struct Summary {
     /// The close code sent to (or first received from) each leg, when there was one.
     pub client_close_code: Option<u16>,
     pub upstream_close_code: Option<u16>,
+    /// Data messages read from the upstream after the client's leg was closed, and
+    /// from the client after the upstream's: there was nowhere left to write them.
+    pub dropped_to_client: u64,
+    pub dropped_to_upstream: u64,
 }
 
 /// What one connection needs besides its two sockets.
@@ -299,6 +303,8 @@ where
         ),
         heartbeat: Heartbeat::new(Schedule::for_route(&ctx.route), ctx.started),
         closing: None,
+        upstream_close_waits: false,
+        dropped: [0; 2],
         messages_this_read: [0; 2],
         client_first: true,
         ctx,
@@ -323,6 +329,11 @@ struct Relay<C, U> {
     upstream: Side,
     heartbeat: Heartbeat,
     closing: Option<Closing>,
+    /// Draining: the upstream's close waits until the client has answered its own, so
+    /// that every message the client sent before it saw the close reaches the upstream.
+    upstream_close_waits: bool,
+    /// Data messages dropped because the other leg was closed, by source leg.
+    dropped: [u64; 2],
     /// Messages forwarded during the read being processed, `[text, binary]`: published
     /// to the counters once per read, not once per message.
     messages_this_read: [u64; 2],
@@ -349,12 +360,14 @@ where
                 _ = &mut shutdown, if self.closing.is_none() => self.on_shutdown(),
                 _ = &mut timer => {
                     self.on_timer();
+                    self.advance_drain();
                     armed = self.deadline();
                     timer.as_mut().reset(armed);
                     continue;
                 }
                 event = poll_fn(|cx| self.poll_event(cx)) => self.on_event(event),
             }
+            self.advance_drain();
             // Deadlines only move later as traffic flows (the timer then fires early and
             // re-arms); re-arm now only when something became due sooner.
             let want = self.deadline();
@@ -375,6 +388,8 @@ where
             outcome: self.closing.map_or(Outcome::Error, |c| c.outcome),
             client_close_code: self.client.close_code,
             upstream_close_code: self.upstream.close_code,
+            dropped_to_client: self.dropped[leg_index(LegKind::Upstream)],
+            dropped_to_upstream: self.dropped[leg_index(LegKind::Client)],
         }
     }
 
@@ -491,11 +506,12 @@ where
             }
             LegKind::Upstream => self.heartbeat.on_upstream_frame(now),
         }
-        let closing = self.closing.is_some();
         let mut payload_bytes = 0u64;
         while !data.is_empty() {
             let (src, dst) = self.sides(leg);
-            let dst_open = dst.writable && !dst.close_sent && !closing;
+            // Once a close frame is queued for `dst` nothing may follow it; until then
+            // frames pass, even while closing (a drain forwards the client's last words).
+            let dst_open = dst.writable && !dst.close_sent;
             let passing = &mut src.passing;
             let out = &mut dst.out;
             let (used, event) = src.parser.feed(data, |bytes, starts_frame| {
@@ -548,6 +564,8 @@ where
         let forwarded = self.side(leg).passing;
         if fin && forwarded {
             self.messages_this_read[usize::from(!text)] += 1;
+        } else if fin {
+            self.dropped[leg_index(leg)] += 1;
         }
         let (_, dst) = self.sides(leg);
         // The frame into `dst` is complete: its waiting frames may follow.
@@ -744,27 +762,48 @@ where
         }
     }
 
+    /// Drain, client first: 1001 to the client while its messages still flow to the
+    /// upstream; once the client has answered (or is gone, or CLOSE_GRACE passed), 1001
+    /// to the upstream. Whatever either peer sent before its close reached the other
+    /// side, except upstream messages that crossed the client's close.
     fn on_shutdown(&mut self) {
-        self.send_close(
-            LegKind::Upstream,
-            close::GOING_AWAY,
-            "wsbeat is shutting down",
-        );
         self.send_close(
             LegKind::Client,
             close::GOING_AWAY,
             "wsbeat is shutting down",
         );
+        self.upstream_close_waits = true;
         self.begin_closing(Outcome::Shutdown, Instant::now());
+        self.advance_drain();
+    }
+
+    /// The second half of a drain: close the upstream once nothing more can come from
+    /// the client, with a fresh grace period for its answer.
+    fn advance_drain(&mut self) {
+        if self.upstream_close_waits && !self.client.readable {
+            self.upstream_close_waits = false;
+            self.send_close(
+                LegKind::Upstream,
+                close::GOING_AWAY,
+                "wsbeat is shutting down",
+            );
+            if let Some(c) = &mut self.closing {
+                c.deadline = Instant::now() + CLOSE_GRACE;
+            }
+        }
     }
 
     fn on_timer(&mut self) {
         let now = Instant::now();
         if let Some(c) = &self.closing {
             if now >= c.deadline {
-                // The close handshake took too long: drop both sockets.
+                // The close handshake took too long: drop the sockets. A drain still
+                // owes the upstream its close: only the client is dropped, and
+                // advance_drain closes the upstream.
                 self.client.abandon();
-                self.upstream.abandon();
+                if !self.upstream_close_waits {
+                    self.upstream.abandon();
+                }
                 return;
             }
         }

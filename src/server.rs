@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Route, Routes};
 use crate::metrics::{ConnectionView, Metrics};
+use crate::passthrough::Passthrough;
 use crate::relay::{self, RelayContext};
 use crate::upstream::{self, header_tokens, ClientInfo, Dialed};
 
@@ -42,6 +43,8 @@ pub struct Proxy {
     pub config: Arc<Config>,
     routes: Routes,
     metrics: Arc<Metrics>,
+    /// Pooled clients for plain HTTP requests.
+    passthrough: Passthrough,
     /// One permit per proxied WebSocket: `limits.max_connections`.
     connections: Arc<Semaphore>,
     shutdown: CancellationToken,
@@ -59,6 +62,7 @@ impl Proxy {
         Proxy {
             metrics,
             routes: config.routes(),
+            passthrough: Passthrough::new(&config.routes()),
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             config,
             shutdown,
@@ -96,7 +100,10 @@ impl Proxy {
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(self.config.limits.handshake_timeout.0)
+            // max_buf_size only bounds the read buffer, and one read may take a whole
+            // larger head: max_header_size is what turns a long head into a 431.
             .max_buf_size(MAX_REQUEST_HEAD)
+            .max_header_size(MAX_REQUEST_HEAD)
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         tokio::pin!(conn);
@@ -133,13 +140,21 @@ impl Proxy {
         route: Arc<Route>,
     ) -> Response<Body> {
         if !is_upgrade_request(req.headers()) {
-            return text(
-                StatusCode::NOT_IMPLEMENTED,
-                "wsbeat: only WebSocket upgrades are proxied (plain HTTP pass-through is not implemented yet)",
-            );
+            return self.forward_http(req, info, &route).await;
         }
         if let Err(rejection) = check_handshake(&req) {
             return rejection;
+        }
+        if self.shutdown.is_cancelled() {
+            // Accepted just before the listener closed: this pod is going away.
+            return text(StatusCode::SERVICE_UNAVAILABLE, "wsbeat: shutting down");
+        }
+        if !route.origin_allowed(req.headers().get(header::ORIGIN).map(|o| o.as_bytes())) {
+            tracing::info!(client = %info.addr, route = %route.name, origin = ?req.headers().get(header::ORIGIN), "WebSocket from an origin not in allowed_origins: refused");
+            return text(
+                StatusCode::FORBIDDEN,
+                "wsbeat: this Origin may not open WebSockets here",
+            );
         }
         let Ok(permit) = self.connections.clone().try_acquire_owned() else {
             tracing::warn!(client = %info.addr, "max_connections reached: refusing a WebSocket");
@@ -149,6 +164,36 @@ impl Proxy {
             );
         };
         self.proxy_websocket(req, info, route, permit).await
+    }
+
+    /// A request that is not a WebSocket upgrade: proxied as plain HTTP.
+    async fn forward_http(
+        &self,
+        req: Request<Incoming>,
+        info: ClientInfo,
+        route: &Route,
+    ) -> Response<Body> {
+        if let Some(refusal) = crate::passthrough::refuse_method(req.method()) {
+            return refusal;
+        }
+        let started = tokio::time::Instant::now();
+        let response = match self.passthrough.forward(req, info, route).await {
+            Ok(response) => response,
+            Err(e) => {
+                let (status, reason) = e.status_and_reason();
+                self.metrics
+                    .upstream_errors
+                    .with_label_values(&[&route.name, reason])
+                    .inc();
+                tracing::warn!(route = %route.name, error = %e, "plain HTTP request failed");
+                text(status, &format!("wsbeat: {e}"))
+            }
+        };
+        self.metrics
+            .http_request_duration
+            .with_label_values(&[&route.name])
+            .observe(started.elapsed().as_secs_f64());
+        response
     }
 
     async fn proxy_websocket(
@@ -255,6 +300,8 @@ impl Proxy {
                 outcome = %summary.outcome,
                 client_close = summary.client_close_code,
                 upstream_close = summary.upstream_close_code,
+                dropped_to_client = summary.dropped_to_client,
+                dropped_to_upstream = summary.dropped_to_upstream,
                 heartbeats_sent = view.heartbeats_sent.load(std::sync::atomic::Ordering::Relaxed),
                 last_rtt_ms = view.last_pong_rtt().map(|d| d.as_secs_f64() * 1e3),
                 "websocket closed"

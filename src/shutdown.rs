@@ -8,38 +8,61 @@ use tokio_util::task::TaskTracker;
 /// Resolves at the first SIGTERM or SIGINT. From then on a second signal exits the
 /// process at once (an operator who presses Ctrl-C twice means it).
 pub async fn signal() {
-    wait_for_signal().await;
+    // One set of listeners for both signals: a signal that arrives while no listener
+    // exists is lost, so the second one must not depend on a task being scheduled.
+    let mut signals = Signals::new();
+    signals.recv().await;
     tracing::info!("shutdown signal received: draining (a second signal exits at once)");
-    tokio::spawn(async {
-        wait_for_signal().await;
+    tokio::spawn(async move {
+        signals.recv().await;
         tracing::warn!("second shutdown signal: exiting now");
         std::process::exit(130);
     });
 }
 
+/// SIGTERM (what Kubernetes sends) and SIGINT (Ctrl-C).
 #[cfg(unix)]
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+struct Signals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+
+#[cfg(unix)]
+impl Signals {
+    fn new() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => Signals(Some((term, int))),
+            _ => Signals(None),
         }
-        _ => {
+    }
+
+    async fn recv(&mut self) {
+        match &mut self.0 {
+            Some((term, int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
             // No signal handling available: never resolve rather than shut down at once.
-            std::future::pending::<()>().await
+            None => std::future::pending::<()>().await,
         }
     }
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signal() {
-    let _ = tokio::signal::ctrl_c().await;
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn new() -> Self {
+        Signals
+    }
+
+    async fn recv(&mut self) {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// Tells every task to finish (`token`), then waits for them at most `deadline`.

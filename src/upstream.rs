@@ -144,6 +144,31 @@ pub fn header_tokens<'a>(
         .filter(|t| !t.is_empty())
 }
 
+/// Adds `X-Forwarded-For` (the client's own list, then the address wsbeat saw),
+/// `X-Forwarded-Proto` and `X-Forwarded-Host` (the client's `Host`) to a request bound
+/// for the upstream. The client's `Host` itself is forwarded unchanged.
+pub fn add_forwarding(client: &HeaderMap, info: ClientInfo, out: &mut HeaderMap) {
+    let ip = info.addr.ip().to_string();
+    let xff = match header_tokens(client, &HeaderName::from_static("x-forwarded-for"))
+        .collect::<Vec<_>>()
+    {
+        prior if prior.is_empty() => ip,
+        prior => format!("{}, {ip}", prior.join(", ")),
+    };
+    out.remove("x-forwarded-for");
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        out.insert("x-forwarded-for", v);
+    }
+    out.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if info.tls { "https" } else { "http" }),
+    );
+    out.remove("x-forwarded-host");
+    if let Some(host) = client.get(header::HOST) {
+        out.insert("x-forwarded-host", host.clone());
+    }
+}
+
 /// Builds the upstream handshake request from the client's request head.
 fn upstream_request(
     client: &Parts,
@@ -174,31 +199,12 @@ fn upstream_request(
             headers.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
         }
     }
-    let original_host = client.headers.get(header::HOST).cloned();
-    if original_host.is_none() {
+    if !client.headers.contains_key(header::HOST) {
         if let Ok(v) = HeaderValue::from_str(&upstream.url.authority()) {
             headers.insert(header::HOST, v);
         }
     }
-    // X-Forwarded-For: the client's own list, then the address we saw.
-    let ip = info.addr.ip().to_string();
-    let xff = match header_tokens(&client.headers, &HeaderName::from_static("x-forwarded-for"))
-        .collect::<Vec<_>>()
-    {
-        prior if prior.is_empty() => ip,
-        prior => format!("{}, {ip}", prior.join(", ")),
-    };
-    headers.remove("x-forwarded-for");
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
-    }
-    headers.insert(
-        "x-forwarded-proto",
-        HeaderValue::from_static(if info.tls { "https" } else { "http" }),
-    );
-    if let Some(host) = original_host {
-        headers.insert("x-forwarded-host", host);
-    }
+    add_forwarding(&client.headers, info, headers);
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     headers.insert(

@@ -14,45 +14,14 @@ use wsbeat::config::Config;
 
 const BIN: &str = env!("CARGO_BIN_EXE_wsbeat");
 
-fn write_config(text: &str) -> tempfile_path::TempPath {
-    tempfile_path::TempPath::with(text)
-}
-
-/// A file under the target directory, removed when dropped.
-mod tempfile_path {
-    use std::path::PathBuf;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    pub struct TempPath(pub PathBuf);
-    static N: AtomicUsize = AtomicUsize::new(0);
-
-    impl TempPath {
-        pub fn with(text: &str) -> TempPath {
-            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-            let name = format!(
-                "cli-{}-{}.yaml",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            );
-            let path = dir.join(name);
-            std::fs::write(&path, text).unwrap();
-            TempPath(path)
-        }
-    }
-    impl Drop for TempPath {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-}
-
 #[test]
 fn unknown_config_key_exits_64_naming_the_key() {
-    let file = write_config("upstream:\n  url: ws://127.0.0.1:9\nheartbeat:\n  intervall: 4s\n");
+    let file =
+        write_temp_config("upstream:\n  url: ws://127.0.0.1:9\nheartbeat:\n  intervall: 4s\n");
     let out = Command::new(BIN)
         .arg("check")
         .arg("--config")
-        .arg(&file.0)
+        .arg(file.path())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
@@ -71,10 +40,10 @@ fn bad_values_and_missing_files_exit_64() {
             "limits.max_message_size",
         ),
     ] {
-        let file = write_config(yaml);
+        let file = write_temp_config(yaml);
         let out = Command::new(BIN)
             .arg("--config")
-            .arg(&file.0)
+            .arg(file.path())
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(64), "{yaml}");
@@ -97,10 +66,10 @@ fn bad_values_and_missing_files_exit_64() {
 
 #[test]
 fn config_from_the_environment_variable() {
-    let file = write_config("heartbeat:\n  bogus: 1\n");
+    let file = write_temp_config("heartbeat:\n  bogus: 1\n");
     let out = Command::new(BIN)
         .arg("check")
-        .env("WSBEAT_CONFIG", &file.0)
+        .env("WSBEAT_CONFIG", file.path())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
@@ -108,12 +77,46 @@ fn config_from_the_environment_variable() {
 }
 
 #[test]
+fn check_shows_which_route_each_path_maps_to() {
+    let file = write_temp_config(
+        "routes:\n  - { name: chat, path: /ws/chat, upstream: { url: 'ws://chat:8000' } }\n  \
+         - { path: /ws, upstream: { url: 'ws://ws:8000' } }\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(file.path())
+        .args(["--route", "/ws/chat/1", "--route", "/ws/chatroom?x=1"])
+        .args(["--route", "/ws", "--route", "/index.html"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let mapping: Vec<&str> = stdout.lines().filter(|l| l.starts_with("# /")).collect();
+    assert_eq!(
+        mapping,
+        [
+            "# /ws/chat/1 -> route `chat` (prefix /ws/chat, upstream ws://chat:8000)",
+            "# /ws/chatroom?x=1 -> route `/ws` (prefix /ws, upstream ws://ws:8000)",
+            "# /ws -> route `/ws` (prefix /ws, upstream ws://ws:8000)",
+            "# /index.html -> route `default` (prefix /, upstream ws://127.0.0.1:8000)",
+        ]
+    );
+    // Still a valid config file.
+    Config::from_yaml(&stdout, "check output").unwrap();
+}
+
+#[test]
 fn check_prints_the_effective_config() {
-    let file = write_config("upstream:\n  url: ws://10.0.0.5:8000\nheartbeat:\n  interval: 2s\n");
+    let file =
+        write_temp_config("upstream:\n  url: ws://10.0.0.5:8000\nheartbeat:\n  interval: 2s\n");
     let out = Command::new(BIN)
         .arg("check")
         .arg("--config")
-        .arg(&file.0)
+        .arg(file.path())
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -144,47 +147,6 @@ fn the_example_config_is_valid_and_states_the_defaults() {
     );
 }
 
-/// A running `wsbeat` process; killed when dropped.
-struct Running {
-    child: Child,
-    addr: std::net::SocketAddr,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts the binary on port 0 and reads its log until it says where it listens.
-fn spawn(args: &[&str]) -> Running {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let addr = loop {
-        line.clear();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "wsbeat exited before listening"
-        );
-        if let Some(rest) = line.split("addr=").nth(1) {
-            if line.contains("listening") {
-                break rest.split_whitespace().next().unwrap().parse().unwrap();
-            }
-        }
-    };
-    // Keep draining the log so the process never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    Running { child, addr }
-}
-
 fn signal(child: &Child, sig: &str) {
     let status = Command::new("kill")
         .arg(format!("-{sig}"))
@@ -197,15 +159,7 @@ fn signal(child: &Child, sig: &str) {
 #[tokio::test]
 async fn sigterm_closes_websockets_with_1001_and_exits() {
     let mut backend = Backend::echo().await;
-    let upstream = format!("ws://{}", backend.addr);
-    let mut running = spawn(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &upstream,
-        "--admin-listen",
-        "off",
-    ]);
+    let mut running = WsbeatProcess::start(backend.addr, "");
     let mut client = connect(&format!("ws://{}/", running.addr)).await;
     echo_roundtrip(&mut client, Message::text("before the signal")).await;
     signal(&running.child, "TERM");
@@ -227,12 +181,8 @@ async fn sigterm_closes_websockets_with_1001_and_exits() {
 #[tokio::test]
 async fn python_websockets_client_through_wsbeat() {
     let mut backend = Backend::echo().await;
-    let upstream = format!("ws://{}", backend.addr);
     // A short heartbeat interval, from a config file.
-    let file = write_config(&format!(
-        "listen: 127.0.0.1:0\nadmin: {{ listen: null }}\nupstream: {{ url: \"{upstream}\" }}\nheartbeat: {{ interval: 200ms }}\n"
-    ));
-    let running = spawn(&["--config", file.0.to_str().unwrap()]);
+    let running = WsbeatProcess::start(backend.addr, "heartbeat: { interval: 200ms }");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/client.py");
     let url = format!("ws://{}/py", running.addr);
     let out = tokio::task::spawn_blocking(move || {
@@ -307,41 +257,19 @@ async fn demo_echoes_and_beats() {
 
 #[tokio::test]
 async fn json_logs_a_line_per_closed_websocket_and_readyz_turns_503_on_sigterm() {
-    use std::sync::mpsc;
     let backend = Backend::echo().await;
     let upstream = format!("ws://{}", backend.addr);
-    let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--upstream", &upstream])
-        .args(["--admin-listen", "127.0.0.1:0", "--log-format", "json"])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Every log line must be JSON; they are handed over as they come.
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = mpsc::channel::<serde_json::Value>();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let value = serde_json::from_str(&line)
-                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
-            if tx.send(value).is_err() {
-                break;
-            }
-        }
-    });
-    let next = |message: &str| loop {
-        let v = rx.recv_timeout(PATIENCE).expect("log line in time");
-        if v["message"] == message {
-            return v;
-        }
-    };
-    let public = next("listening")["addr"].as_str().unwrap().to_owned();
-    let admin: std::net::SocketAddr = next("admin listening")["addr"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let wsbeat = JsonWsbeat::spawn(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream,
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]);
+    let next = |message: &str| wsbeat.next(message);
+    let public = wsbeat.addr("listening");
+    let admin = wsbeat.addr("admin listening");
 
     // One WebSocket, closed normally by the client: one line with its facts.
     let mut client = connect(&format!("ws://{public}/")).await;
@@ -361,10 +289,10 @@ async fn json_logs_a_line_per_closed_websocket_and_readyz_turns_503_on_sigterm()
 
     // A client that never reads keeps the drain waiting for its close reply, so the
     // admin listener is still up: /readyz must answer 503 once SIGTERM is in.
-    let _silent = raw_websocket(public.parse().unwrap(), "/").await;
+    let _silent = raw_websocket(public, "/").await;
     let readyz = "GET /readyz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n";
     assert!(raw_http(admin, readyz).await.starts_with("HTTP/1.1 200"));
-    signal(&child, "TERM");
+    wsbeat.signal("TERM");
     let deadline = std::time::Instant::now() + PATIENCE;
     loop {
         let resp = raw_http(admin, readyz).await;
@@ -378,7 +306,8 @@ async fn json_logs_a_line_per_closed_websocket_and_readyz_turns_503_on_sigterm()
         );
         tokio::task::yield_now().await;
     }
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap());
+    let mut wsbeat = wsbeat;
+    let status = tokio::task::spawn_blocking(move || wsbeat.child.wait().unwrap());
     let status = tokio::time::timeout(PATIENCE, status)
         .await
         .unwrap()

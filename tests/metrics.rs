@@ -56,6 +56,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("wsbeat_upstream_errors_total", "counter"),
     ("wsbeat_close_codes_total", "counter"),
     ("wsbeat_http_requests_total", "counter"),
+    ("wsbeat_http_request_duration_seconds", "histogram"),
 ];
 const LAST_SEEN: &str = "wsbeat_connection_last_seen_seconds";
 const PONG_RTT: &str = "wsbeat_connection_pong_rtt_seconds";

@@ -391,18 +391,6 @@ async fn invalid_frames_from_the_client_get_1002() {
 }
 
 #[tokio::test]
-async fn plain_http_is_refused_clearly_for_now() {
-    let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, |_| {}).await;
-    let resp = raw_http(
-        proxy.addr,
-        "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert!(resp.starts_with("HTTP/1.1 501"), "{resp}");
-}
-
-#[tokio::test]
 async fn shutdown_closes_both_legs_with_1001() {
     let mut backend = Backend::echo().await;
     let proxy = Proxy::start(backend.addr, |_| {}).await;

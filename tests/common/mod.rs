@@ -2,7 +2,9 @@
 //! in-process on port 0, and clients.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -268,12 +270,21 @@ pub struct Proxy {
 impl Proxy {
     /// Starts wsbeat in front of `upstream` with test-friendly defaults, after `tune`.
     pub async fn start(upstream: SocketAddr, tune: impl FnOnce(&mut Config)) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Proxy::start_on(listener, upstream, tune).await
+    }
+
+    /// Like `start`, on a listener the test bound itself (e.g. in a network namespace).
+    pub async fn start_on(
+        listener: TcpListener,
+        upstream: SocketAddr,
+        tune: impl FnOnce(&mut Config),
+    ) -> Proxy {
         let mut config = Config::default();
         config.admin.listen = None;
         config.upstream.url = format!("ws://{upstream}").parse().unwrap();
         tune(&mut config);
         config.validate().expect("test config is valid");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = admin_listener.local_addr().unwrap();
@@ -448,4 +459,364 @@ pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
 pub async fn echo_roundtrip(client: &mut Client, msg: Message) {
     client.send(msg.clone()).await.unwrap();
     assert_eq!(recv_data(client, "--heartbeat--").await, msg);
+}
+
+// ---------------------------------------------------------------------------------------
+// The real binary as a child process (for RSS and "the process stays up" checks), and
+// single samples from /metrics.
+
+/// The `wsbeat` binary cargo built for these tests.
+pub const WSBEAT_BIN: &str = env!("CARGO_BIN_EXE_wsbeat");
+
+/// A `wsbeat` child process on 127.0.0.1:0 with its admin listener on 127.0.0.1:0; killed
+/// when dropped, its config file removed.
+pub struct WsbeatProcess {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    /// Removed when the process is dropped.
+    config: TempConfig,
+}
+
+impl WsbeatProcess {
+    /// Starts the binary in front of `upstream`; `extra_yaml` adds top-level keys
+    /// (e.g. `"limits: { write_timeout: 1s }"`). Returns once both listeners are up.
+    pub fn start(upstream: SocketAddr, extra_yaml: &str) -> WsbeatProcess {
+        let config = write_temp_config(&format!(
+            "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\n\
+             upstream: {{ url: \"ws://{upstream}\" }}\n{extra_yaml}\n"
+        ));
+        let mut child = std::process::Command::new(WSBEAT_BIN)
+            .arg("--config")
+            .arg(config.path())
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the wsbeat binary starts");
+        let mut log = std::io::BufReader::new(child.stderr.take().unwrap());
+        let (mut addr, mut admin) = (None, None);
+        while addr.is_none() || admin.is_none() {
+            let mut line = String::new();
+            let n = log.read_line(&mut line).unwrap();
+            assert!(n > 0, "wsbeat exited before listening ({})", config.path());
+            let Some(at) = line
+                .split("addr=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+            else {
+                continue;
+            };
+            if line.contains("admin listening") {
+                admin = Some(at);
+            } else if line.contains("listening") {
+                addr = Some(at);
+            }
+        }
+        // Keep draining the log so the process never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
+        WsbeatProcess {
+            child,
+            addr: addr.unwrap(),
+            admin: admin.unwrap(),
+            config,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.addr)
+    }
+
+    /// Resident set size in KiB, from /proc/PID/status.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("wsbeat is running");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+
+    /// Panics if the process has exited.
+    pub fn assert_running(&mut self) {
+        let status = self.child.try_wait().unwrap();
+        assert!(status.is_none(), "wsbeat exited: {status:?}");
+    }
+}
+
+/// A `wsbeat` process started with `--log-format json`, its log lines handed over as
+/// parsed JSON as they come (a line that is not JSON fails the test). Killed when dropped.
+pub struct JsonWsbeat {
+    pub child: Child,
+    pub lines: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+impl Drop for JsonWsbeat {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl JsonWsbeat {
+    pub fn spawn(args: &[&str]) -> JsonWsbeat {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wsbeat"))
+            .args(args)
+            .args(["--log-format", "json"])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let value: serde_json::Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+                if tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        JsonWsbeat { child, lines }
+    }
+
+    /// The next log line whose message is `message` (earlier lines are skipped).
+    pub fn next(&self, message: &str) -> serde_json::Value {
+        loop {
+            let v = self.lines.recv_timeout(PATIENCE).expect("log line in time");
+            if v["message"] == message {
+                return v;
+            }
+        }
+    }
+
+    /// The address logged by the next line saying `message` ("listening", "admin listening").
+    pub fn addr(&self, message: &str) -> SocketAddr {
+        self.next(message)["addr"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// Sends a signal (`TERM`, `INT`, `STOP` …) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+/// A config file under the target directory, removed when dropped.
+pub struct TempConfig(std::path::PathBuf);
+
+impl TempConfig {
+    pub fn path(&self) -> &str {
+        self.0.to_str().expect("UTF-8 target directory")
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Writes `text` to a fresh file for `--config`.
+pub fn write_temp_config(text: &str) -> TempConfig {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let name = format!(
+        "config-{}-{}.yaml",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::write(&path, text).unwrap();
+    TempConfig(path)
+}
+
+impl Drop for WsbeatProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One sample of a `/metrics` scrape: the value of `name` with exactly these labels, 0
+/// when the series is not exported. A small reader of the text format, for tests that
+/// check a counter or two (tests/metrics.rs checks the format itself).
+pub async fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let request = "GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n";
+    let response = raw_http(admin, request).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let mut want: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    want.sort();
+    let body = &response[response.find("\r\n\r\n").expect("a head") + 4..];
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let (series, value) = line.rsplit_once(' ').expect("name and value");
+        let (series_name, series_labels) = match series.split_once('{') {
+            Some((n, l)) => (n, l.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if series_name != name {
+            continue;
+        }
+        let mut got: Vec<(String, String)> = series_labels
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once('=').expect("label=value");
+                (k.to_owned(), v.trim_matches('"').to_owned())
+            })
+            .collect();
+        got.sort();
+        if got == want {
+            return value.parse().expect("a number");
+        }
+    }
+    0.0
+}
+
+/// Scrapes until `name{labels}` reaches at least `at_least`; panics after `patience`.
+/// Returns the value seen.
+pub async fn metric_at_least(
+    admin: SocketAddr,
+    name: &str,
+    labels: &[(&str, &str)],
+    at_least: f64,
+    patience: Duration,
+) -> f64 {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let v = metric(admin, name, labels).await;
+        if v >= at_least {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name}{labels:?} is {v}, waited {patience:?} for {at_least}"
+        );
+        // The retry interval of a poll bounded by `patience`, not a synchronisation.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The close code in the first close frame of a server's (unmasked) byte stream.
+pub fn close_code_in(server_bytes: &[u8]) -> Option<u16> {
+    let mut at = 0;
+    while at + 2 <= server_bytes.len() {
+        let opcode = server_bytes[at] & 0x0F;
+        let (len, header) = match server_bytes[at + 1] & 0x7F {
+            126 if at + 4 <= server_bytes.len() => (
+                u16::from_be_bytes([server_bytes[at + 2], server_bytes[at + 3]]) as usize,
+                4,
+            ),
+            127 if at + 10 <= server_bytes.len() => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&server_bytes[at + 2..at + 10]);
+                (u64::from_be_bytes(b) as usize, 10)
+            }
+            n if n < 126 => (n as usize, 2),
+            _ => return None,
+        };
+        let payload = server_bytes.get(at + header..at + header + len)?;
+        if opcode == 0x8 {
+            return payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+        }
+        at += header + len;
+    }
+    None
+}
+
+/// What a raw upstream answers to a handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawAnswer {
+    /// A correct 101; then everything wsbeat sends is recorded until EOF.
+    Accept,
+    /// `403` with an empty body.
+    Refuse,
+}
+
+/// What a raw upstream received on one connection: the request head as sent (up to and
+/// including the blank line), and for an accepted WebSocket every byte after it.
+#[derive(Debug)]
+pub struct RawReceived {
+    pub head: Vec<u8>,
+    pub after: Vec<u8>,
+}
+
+/// An upstream on raw TCP that records exactly the bytes wsbeat sends it, for checks
+/// below any WebSocket or HTTP library (header injection, frame boundaries).
+pub async fn raw_upstream(answer: RawAnswer) -> (SocketAddr, mpsc::UnboundedReceiver<RawReceived>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut byte).await.unwrap_or(0) == 0 {
+                        let _ = tx.send(RawReceived {
+                            head,
+                            after: Vec::new(),
+                        });
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let mut after = Vec::new();
+                match answer {
+                    RawAnswer::Refuse => {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")
+                            .await;
+                    }
+                    RawAnswer::Accept => {
+                        let text = String::from_utf8_lossy(&head).into_owned();
+                        let key = head_field(&text, "sec-websocket-key").expect("a key");
+                        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(
+                            key.as_bytes(),
+                        );
+                        let ok = format!(
+                            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                             Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+                        );
+                        if s.write_all(ok.as_bytes()).await.is_ok() {
+                            let _ = s.read_to_end(&mut after).await;
+                        }
+                    }
+                }
+                let _ = tx.send(RawReceived { head, after });
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// The value of header `name` (any case) in a raw HTTP head, trimmed.
+pub fn head_field<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|line| {
+        let (field, value) = line.split_once(':')?;
+        field
+            .trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| value.trim())
+    })
 }

@@ -1,0 +1,181 @@
+//! Plain HTTP pass-through: a request that is not a WebSocket upgrade goes to its route's
+//! upstream through a pooled client, bodies streamed both ways.
+
+use std::collections::HashMap;
+use std::error::Error as _;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::{Route, Routes};
+use crate::server::{text, Body};
+use crate::upstream::{add_forwarding, copy_end_to_end, ClientInfo};
+
+/// Idle upstream connections kept per upstream, ready for the next request.
+const MAX_IDLE_PER_UPSTREAM: usize = 256;
+/// How long an idle pooled upstream connection is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// What wsbeat adds to `Via` (RFC 9110 §7.6.3).
+const VIA: &str = "1.1 wsbeat";
+
+/// One pooled HTTP client per route (each route has its own upstream and timeouts).
+pub struct Passthrough {
+    clients: HashMap<String, Client<HttpConnector, Incoming>>,
+}
+
+/// Why a request got no response from the upstream; decides the client's status and the
+/// `reason` label of `wsbeat_upstream_errors_total`.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// No response head within `request_timeout`, or no connection within
+    /// `connect_timeout` (client gets 504).
+    #[error("upstream {0} did not answer in time")]
+    Timeout(String),
+    /// The TCP connect failed (client gets 502).
+    #[error("cannot connect to upstream {upstream}: {reason}")]
+    Connect { upstream: String, reason: String },
+    /// The exchange broke before the response head (client gets 502).
+    #[error("upstream {upstream} failed the request: {reason}")]
+    Http { upstream: String, reason: String },
+}
+
+impl ForwardError {
+    /// The status the client gets, and the `reason` label of the upstream error counter.
+    pub fn status_and_reason(&self) -> (StatusCode, &'static str) {
+        match self {
+            ForwardError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            ForwardError::Connect { .. } => (StatusCode::BAD_GATEWAY, "connect"),
+            ForwardError::Http { .. } => (StatusCode::BAD_GATEWAY, "http"),
+        }
+    }
+}
+
+impl Passthrough {
+    pub fn new(routes: &Routes) -> Self {
+        let clients = routes
+            .all()
+            .map(|route| {
+                let mut connector = HttpConnector::new();
+                connector.set_nodelay(true);
+                connector.set_connect_timeout(Some(route.upstream.connect_timeout.0));
+                let client = Client::builder(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .pool_timer(TokioTimer::new())
+                    .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                    .pool_max_idle_per_host(MAX_IDLE_PER_UPSTREAM)
+                    .build(connector);
+                (route.name.clone(), client)
+            })
+            .collect();
+        Passthrough { clients }
+    }
+
+    /// Sends the request to the route's upstream and returns its response, whose body
+    /// streams as the upstream sends it. Errors come back as 502 / 504 responses.
+    pub async fn forward(
+        &self,
+        req: Request<Incoming>,
+        info: ClientInfo,
+        route: &Route,
+    ) -> Result<Response<Body>, ForwardError> {
+        let upstream = format!("http://{}", route.upstream.url.authority());
+        let client = &self.clients[&route.name];
+        let request = upstream_request(req, info, &upstream);
+        let response =
+            match tokio::time::timeout(route.upstream.request_timeout.0, client.request(request))
+                .await
+            {
+                Err(_) => return Err(ForwardError::Timeout(upstream)),
+                Ok(Err(e)) => return Err(classify(e, upstream)),
+                Ok(Ok(response)) => response,
+            };
+        let (parts, body) = response.into_parts();
+        let mut out = Response::new(body.boxed());
+        *out.status_mut() = parts.status;
+        copy_end_to_end(&parts.headers, out.headers_mut());
+        append_via(out.headers_mut());
+        Ok(out)
+    }
+}
+
+/// The request the upstream sees: the client's method, origin-form target and body, the
+/// end-to-end headers and `Host` unchanged, `X-Forwarded-*` and `Via` added.
+fn upstream_request(req: Request<Incoming>, info: ClientInfo, upstream: &str) -> Request<Incoming> {
+    let (parts, body) = req.into_parts();
+    // Only the path and query are taken from the client: an absolute-form target
+    // (`GET http://elsewhere/`) never chooses where wsbeat connects.
+    let target = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .filter(|pq| pq.starts_with('/'))
+        .unwrap_or("/");
+    let uri: Uri = format!("{upstream}{target}")
+        .parse()
+        .unwrap_or_else(|_| Uri::from_static("/"));
+    let mut out = Request::new(body);
+    *out.method_mut() = parts.method;
+    *out.version_mut() = Version::HTTP_11;
+    *out.uri_mut() = uri;
+    let headers = out.headers_mut();
+    copy_end_to_end(&parts.headers, headers);
+    // wsbeat answers `Expect: 100-continue` itself (hyper sends the 100 when the body is
+    // first read, i.e. once the upstream takes it); the upstream gets the body directly.
+    headers.remove(header::EXPECT);
+    add_forwarding(&parts.headers, info, headers);
+    append_via(headers);
+    out
+}
+
+/// Adds wsbeat to the `Via` list, after any earlier hops.
+fn append_via(headers: &mut HeaderMap) {
+    let via = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {VIA}"),
+        _ => VIA.to_owned(),
+    };
+    headers.remove(header::VIA);
+    if let Ok(v) = HeaderValue::from_str(&via) {
+        headers.insert(header::VIA, v);
+    }
+}
+
+/// Tells a connect timeout (504) from a refused connect (502) from a broken exchange.
+fn classify(e: hyper_util::client::legacy::Error, upstream: String) -> ForwardError {
+    let mut source = e.source();
+    let mut reason = e.to_string();
+    while let Some(s) = source {
+        reason = s.to_string();
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return ForwardError::Timeout(upstream);
+            }
+        }
+        source = s.source();
+    }
+    if e.is_connect() {
+        ForwardError::Connect { upstream, reason }
+    } else {
+        ForwardError::Http { upstream, reason }
+    }
+}
+
+/// Requests wsbeat never forwards: `CONNECT` would make it an open tunnel.
+pub fn refuse_method(method: &Method) -> Option<Response<Body>> {
+    (method == Method::CONNECT).then(|| {
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "wsbeat: CONNECT is not supported (wsbeat is a reverse proxy, not a tunnel)",
+        );
+        r.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+        );
+        r
+    })
+}

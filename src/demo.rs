@@ -235,7 +235,7 @@ pub async fn run(
         "wsbeat demo\n\
          \x20 echo backend (no heartbeats of its own): ws://{backend_addr}/\n\
          \x20 wsbeat in front of it:                   ws://{proxy_addr}/\n\
-         \x20 demo page (its WebSocket goes through wsbeat): http://{backend_addr}/\n\n\
+         \x20 demo page, through wsbeat:              http://{proxy_addr}/\n\n\
          Open the demo page in a browser, or connect a WebSocket client to ws://{proxy_addr}/,\n\
          for example:\n\
          \x20 python3 -m websockets ws://{proxy_addr}/\n\

@@ -1,4 +1,5 @@
-// `wsbeat demo` as a person meets it: the page renders (a screenshot, its size checked),
+// `wsbeat demo` as a person meets it: the page, served through wsbeat's plain-HTTP
+// pass-through, renders (a screenshot, its size checked),
 // shows heartbeats as they arrive, Pause silences the backend while the heartbeats go on,
 // and Kill gets a 1011 from wsbeat and a reconnection.
 import assert from "node:assert/strict";
@@ -14,23 +15,33 @@ const VIEWPORT = { width: 1280, height: 860 };
 /** wsbeat's default heartbeat interval, which the demo uses. */
 const HEARTBEAT_MS = 4000;
 
-/** Starts `wsbeat demo` on port 0 and resolves with the page URL it prints. */
+/**
+ * Starts `wsbeat demo` on port 0; resolves with the addresses it prints: wsbeat's, the
+ * backend's, and the page's (on wsbeat's port, passed through to the backend).
+ */
 async function startDemo() {
   const child = spawn(wsbeatBin(), ["demo", "--listen", "127.0.0.1:0"], {
     stdio: ["ignore", "pipe", "ignore"],
   });
   const lines = readline.createInterface({ input: child.stdout });
-  const pageUrl = await new Promise((resolve, reject) => {
+  const printed = {};
+  const lastWord = (line) => line.split(/\s+/).pop();
+  await new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error("the demo printed no page URL")), PATIENCE_MS);
     child.once("exit", (code) => reject(new Error(`wsbeat demo exited (${code})`)));
-    lines.on("line", (line) => {
-      if (line.includes("demo page")) {
+    lines.on("line", (raw) => {
+      const line = raw.trim();
+      if (line.startsWith("echo backend")) printed.backend = new URL(lastWord(line)).host;
+      if (line.startsWith("wsbeat in front of it")) printed.proxy = new URL(lastWord(line)).host;
+      if (line.startsWith("demo page")) {
         clearTimeout(timer);
-        resolve(line.trim().split(/\s+/).pop());
+        printed.pageUrl = lastWord(line);
+        resolve();
       }
     });
   });
-  return { child, pageUrl };
+  assert.equal(new URL(printed.pageUrl).host, printed.proxy, "the page is served through wsbeat");
+  return { child, ...printed };
 }
 
 /** Width and height from a PNG's IHDR chunk. */
@@ -56,6 +67,7 @@ describe("wsbeat demo in Chromium", () => {
     const text = (id) => page.locator(`#${id}`).textContent();
 
     await page.waitForFunction(() => document.getElementById("state").textContent === "open");
+    assert.equal(await text("via"), `wsbeat ${demo.proxy}`);
     // Two heartbeats: two of wsbeat's intervals, with a margin.
     await page.waitForFunction(() => Number(document.getElementById("heartbeats").textContent) >= 2, null, {
       timeout: 2 * HEARTBEAT_MS + PATIENCE_MS,
@@ -97,5 +109,14 @@ describe("wsbeat demo in Chromium", () => {
     await page.waitForFunction(() => document.getElementById("state").textContent === "open");
     await page.screenshot({ path: path.join(shots, "demo-after-kill.png") });
     assert.deepEqual(errors, []);
+  });
+
+  it("the page loaded from the backend's own port still connects through wsbeat", async (t) => {
+    const page = await suite.browser.newPage({ viewport: VIEWPORT });
+    t.after(() => page.close());
+    await page.goto(`http://${demo.backend}/`);
+    await page.waitForFunction(() => document.getElementById("state").textContent === "open");
+    assert.equal(await page.locator("#via").textContent(), `wsbeat ${demo.proxy}`);
+    await page.waitForFunction(() => document.getElementById("log").innerText.includes(`/demo`));
   });
 });

@@ -42,8 +42,9 @@ pub struct Site {
     pub proxy_port: u16,
     /// The backend's own port.
     pub backend_port: u16,
-    /// The heartbeat string and interval wsbeat uses, shown on the page.
+    /// The heartbeat string wsbeat sends (the page's client must expect the same).
     pub heartbeat: String,
+    /// wsbeat's heartbeat interval, which scales the page's heartbeat chart.
     pub heartbeat_interval: Duration,
 }
 
@@ -59,8 +60,11 @@ impl Site {
             "heartbeat": self.heartbeat,
             "heartbeatIntervalMs": self.heartbeat_interval.as_millis() as u64,
         });
-        // `</` cannot occur in this JSON, so it cannot end the <script> it sits in.
-        PAGE.replace("__DEMO_CONFIG__", &config.to_string())
+        // With `<` escaped, no string in the JSON can end the <script> it sits in.
+        PAGE.replace(
+            "__DEMO_CONFIG__",
+            &config.to_string().replace('<', "\\u003c"),
+        )
     }
 }
 
@@ -266,5 +270,13 @@ mod tests {
         assert!(page.contains(r#""heartbeatIntervalMs":4000"#));
         assert!(page.contains(r#"from "./wsbeat.js""#));
         assert!(CLIENT_JS.contains("export class WsBeat"));
+
+        let hostile = Site {
+            heartbeat: "</script><script>alert(1)</script>".into(),
+            ..site
+        };
+        let page = hostile.page();
+        assert!(!page.contains("</script><script>alert"));
+        assert!(page.contains(r#""heartbeat":"\u003c/script>\u003cscript>alert(1)\u003c/script>""#));
     }
 }

@@ -13,7 +13,7 @@
 //! - [`admin`]: `/metrics`, `/livez`, `/readyz`, `/connections` on their own listener.
 //! - [`tls`]: rustls configs for both legs, certificate reloading, the leg stream type.
 //! - [`shutdown`]: signals and the drain with a deadline.
-//! - [`demo`]: the embedded echo backend behind `wsbeat demo`.
+//! - [`demo`]: the demo backend behind `wsbeat demo`: a live page, wsbeat.js and echo.
 #![forbid(unsafe_code)]
 
 pub mod admin;

@@ -246,6 +246,9 @@ mod tests {
             Some(StatusCode::BAD_REQUEST)
         );
         assert_eq!(status(b"\x00\x01\r\n\r\n"), Some(StatusCode::BAD_REQUEST));
+        // A bare CR cannot smuggle a header line to the upstream: the head is refused.
+        let smuggle = GOOD.replace("Host: example", "Host: example\rX-Injected: 1");
+        assert_eq!(status(smuggle.as_bytes()), Some(StatusCode::BAD_REQUEST));
     }
 
     #[test]

@@ -21,10 +21,11 @@ What it does, all on 127.0.0.1:
 - after `--minutes` stops the churn, waits until wsbeat reports 0 active connections, takes
   a last sample, prints a table and a verdict per resource: flat or growing.
 
-Verdict rules (see `verdict`): the first 20 % of the run is warm-up (allocator arenas and
-buffers reach their working size). RSS is "growing" when the median of the last three
-samples under load exceeds the median of the three after warm-up by more than 10 % and
-8 MiB. Open fds and threads are compared quiescent-to-quiescent: before any client and
+Verdict rules (see `verdict`): RSS follows the peak number of open connections (the
+allocator keeps its high-water mark), so peaks are compared: RSS is "growing" when its peak
+in the last third of the load phase exceeds its peak in the middle third by more than 10 %
+and 8 MiB (a leak keeps setting new peaks at the same load); the least-squares slope over
+the second half is printed too. Open fds and threads are compared quiescent-to-quiescent: before any client and
 after the drain, they must be back where they started (fds within 2, threads equal or
 fewer). Connections active after the drain must be 0.
 
@@ -292,20 +293,34 @@ def fd_kinds(pid: int) -> dict[str, int]:
     return kinds
 
 
+def slope_mib_per_hour(points: list[Sample]) -> float:
+    """Least-squares slope of RSS over time."""
+    if len(points) < 2:
+        return 0.0
+    ts = [p.t for p in points]
+    ys = [p.rss_kib / 1024 for p in points]
+    mt, my = statistics.fmean(ts), statistics.fmean(ys)
+    var = sum((t - mt) ** 2 for t in ts)
+    return 0.0 if var == 0 else sum((t - mt) * (y - my) for t, y in zip(ts, ys)) / var * 3600
+
+
 def verdict(samples: list[Sample]) -> list[tuple[str, str, str]]:
     base = samples[0]
     end = samples[-1]
     load = [s for s in samples if s.phase == "load"]
-    warm = max(1, len(load) // 5)
-    after_warm = load[warm : warm + 3] or load[:1]
-    last = load[-3:]
-    rss_a = statistics.median(s.rss_kib for s in after_warm)
-    rss_b = statistics.median(s.rss_kib for s in last)
-    rss_growing = rss_b > rss_a * 1.10 and rss_b - rss_a > 8 * 1024
+    third = max(1, len(load) // 3)
+    middle, last = load[third : 2 * third] or load, load[2 * third :] or load
+    # RSS follows the peak number of connections (the allocator keeps its high-water
+    # mark), so compare peaks: a leak keeps setting new ones at the same load.
+    mid_max = max(s.rss_kib for s in middle)
+    last_max = max(s.rss_kib for s in last)
+    rss_growing = last_max > mid_max * 1.10 and last_max - mid_max > 8 * 1024
+    half = load[len(load) // 2 :]
     out = [
         (
-            "RSS under load (MiB)",
-            f"{rss_a / 1024:.1f} after warm-up -> {rss_b / 1024:.1f} at the end",
+            "RSS peak under load (MiB)",
+            f"{mid_max / 1024:.1f} middle third -> {last_max / 1024:.1f} last third "
+            f"(2nd half slope {slope_mib_per_hour(half):+.1f} MiB/h)",
             "GROWING" if rss_growing else "flat",
         ),
         (
@@ -328,10 +343,11 @@ def verdict(samples: list[Sample]) -> list[tuple[str, str, str]]:
 
 
 def print_table(samples: list[Sample]) -> None:
-    print(f"{'t (s)':>7} {'phase':>6} {'RSS MiB':>8} {'fds':>6} {'threads':>7} {'active':>7} {'connects':>9}")
+    print(f"{'t (s)':>7} {'phase':>6} {'RSS MiB':>8} {'fds':>6} {'fds-2×active':>12} {'threads':>7} "
+          f"{'active':>7} {'connects':>9}")
     for s in samples:
         print(
-            f"{s.t:7.0f} {s.phase:>6} {s.rss_kib / 1024:8.1f} {s.fds:6d} {s.threads:7d} "
+            f"{s.t:7.0f} {s.phase:>6} {s.rss_kib / 1024:8.1f} {s.fds:6d} {s.fds - 2 * s.active:12.0f} {s.threads:7d} "
             f"{s.active:7.0f} {s.connects:9d}"
         )
 

@@ -3,7 +3,8 @@
 //!
 //! Modules, one job each:
 //! - [`config`]: the YAML configuration, its defaults and validation, resolved routes.
-//! - [`server`]: the public listener, client handshake checks, routing.
+//! - [`server`]: the public listener, routing, the hand-over to a relay.
+//! - [`handshake`]: the client handshake decision (pure): request head → response.
 //! - [`upstream`]: the upstream leg's handshake with the forwarded headers.
 //! - [`passthrough`]: plain HTTP requests, proxied through a pooled client.
 //! - [`relay`]: the per-connection loop that holds both sockets.
@@ -20,6 +21,7 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod frame;
+pub mod handshake;
 pub mod heartbeat;
 pub mod metrics;
 pub mod passthrough;

@@ -10,10 +10,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -22,19 +22,18 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Route, Routes};
+use crate::handshake::{self, is_upgrade_request, MAX_REQUEST_HEAD};
 use crate::metrics::{ConnectionView, Metrics};
 use crate::passthrough::Passthrough;
 use crate::relay::{self, RelayContext};
 use crate::tls::{self, Stream};
-use crate::upstream::{self, header_tokens, ClientInfo, Dialed};
+use crate::upstream::{self, ClientInfo, Dialed};
 
 /// Response body type for everything the public listener answers.
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Largest upstream refusal body passed to the client.
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
-/// Longest request head accepted; larger ones get 431.
-const MAX_REQUEST_HEAD: usize = 64 * 1024;
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again, so
 /// the loop does not spin while the condition lasts.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
@@ -370,59 +369,20 @@ impl Proxy {
     }
 }
 
-/// True when the request asks for a WebSocket (`Upgrade: websocket`).
-fn is_upgrade_request(headers: &HeaderMap) -> bool {
-    header_tokens(headers, &header::UPGRADE).any(|t| t.eq_ignore_ascii_case("websocket"))
-}
-
-/// RFC 6455 §4.2.1: the opening handshake's requirements. Returns the response for a
-/// request that does not meet them: 400 with a one-line reason, or 426 for a version
-/// other than 13.
+/// The handshake checks of [`handshake::check`], answered: 400 with the reason, or 426
+/// naming the version wsbeat speaks.
 #[allow(clippy::result_large_err)]
 fn check_handshake<B>(req: &Request<B>) -> Result<(), Response<Body>> {
-    let headers = req.headers();
-    let bad = |reason: &str| Err(text(StatusCode::BAD_REQUEST, reason));
-    if req.method() != Method::GET {
-        return bad("a WebSocket handshake must be a GET request");
-    }
-    if req.version() != Version::HTTP_11 {
-        return bad("a WebSocket handshake must use HTTP/1.1");
-    }
-    if !header_tokens(headers, &header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade")) {
-        return bad("a WebSocket handshake needs `Connection: Upgrade`");
-    }
-    let version_ok = headers
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .is_some_and(|v| v.as_bytes() == b"13");
-    if !version_ok {
-        let mut r = text(
-            StatusCode::UPGRADE_REQUIRED,
-            "wsbeat speaks WebSocket version 13 only",
-        );
-        r.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
-        return Err(r);
-    }
-    match headers.get(header::SEC_WEBSOCKET_KEY) {
-        Some(key) if is_valid_key(key.as_bytes()) => Ok(()),
-        Some(_) => bad("Sec-WebSocket-Key must be 16 bytes in base64"),
-        None => bad("a WebSocket handshake needs Sec-WebSocket-Key"),
-    }
-}
-
-/// A base64 encoding of exactly 16 bytes: 22 alphabet characters, the last of which
-/// carries only 2 bits, then `==`.
-fn is_valid_key(key: &[u8]) -> bool {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    if key.len() != 24 || &key[22..] != b"==" {
-        return false;
-    }
-    let Some(last) = ALPHABET.iter().position(|&c| c == key[21]) else {
-        return false;
-    };
-    last & 0x0f == 0 && key[..21].iter().all(|c| ALPHABET.contains(c))
+    handshake::check(req).map_err(|rejection| {
+        let mut r = text(rejection.status, rejection.reason);
+        if rejection.needs_version_header() {
+            r.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+        }
+        r
+    })
 }
 
 /// Passes the upstream's refusal on: its status, end-to-end headers and body. The body
@@ -473,6 +433,7 @@ pub fn text(status: StatusCode, line: &str) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::Method;
 
     fn request(headers: &[(&str, &str)]) -> Request<()> {
         let mut b = Request::builder().uri("/ws");
@@ -527,16 +488,5 @@ mod tests {
             check_handshake(&post).unwrap_err().status(),
             StatusCode::BAD_REQUEST
         );
-    }
-
-    #[test]
-    fn keys_must_be_16_bytes_of_base64() {
-        assert!(is_valid_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
-        assert!(
-            !is_valid_key(b"dGhlIHNhbXBsZSBub25jZR=="),
-            "non-canonical last char"
-        );
-        assert!(!is_valid_key(b"dGhlIHNhbXBsZSBub25j*Q=="));
-        assert!(!is_valid_key(b"dGhlIHNhbXBsZSBub25jZQ="));
     }
 }

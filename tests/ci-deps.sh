@@ -2,11 +2,12 @@
 # Installs what the tests need besides Rust: for tests/metrics.rs, the reference
 # Prometheus text parser (Python `prometheus_client`) and `promtool` (Debian's
 # `prometheus` package), which lints every scrape; for tests/netns.rs, `ip` (iproute2);
-# for tests/tls.rs the `openssl` command line (PKCS#1 and SEC1 keys).
-# Idempotent: safe to run on a machine that already has them.
+# for tests/tls.rs the `openssl` command line (PKCS#1 and SEC1 keys); for
+# tests/conformance.rs kosoku (PyPI: the Autobahn TestSuite's cases driven by a native
+# runner, Python >= 3.10). Idempotent: safe to run on a machine that already has them.
 set -euo pipefail
 
-python3 -m pip install --quiet --disable-pip-version-check prometheus_client
+python3 -m pip install --quiet --disable-pip-version-check prometheus_client 'kosoku==0.1.0'
 
 missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
@@ -18,7 +19,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-python3 -c 'import prometheus_client.parser'
+python3 -c 'import prometheus_client.parser, kosoku'
 promtool --version >/dev/null
 openssl version >/dev/null
 ip -V >/dev/null

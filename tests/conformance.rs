@@ -1,0 +1,191 @@
+//! Protocol conformance: the Autobahn TestSuite's core cases (1–7, 9, 10; there is no
+//! case 8), driven as a client by kosoku (PyPI, `tests/python/autobahn.py`), once directly
+//! against an echo backend and once through wsbeat to that same backend. wsbeat must add
+//! no failing case and keep each case's close behaviour: the verdict on the closing
+//! handshake, the close code the client received, and who closed first.
+//!
+//! The echo backend is `wsbeat::demo::echo_backend`: plain tokio-tungstenite, which passes
+//! these cases on its own (the direct run proves it every time; the test fails if it
+//! does not, so that a broken baseline cannot hide a wsbeat failure).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Instant;
+
+use common::Proxy;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use wsbeat::config::{ByteSize, HumanDuration};
+
+/// Every Autobahn core case group; 8 does not exist in the suite.
+const CASES: &[&str] = &[
+    "1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "9.*", "10.*",
+];
+
+/// Verdicts that count as a pass (kosoku's `CaseResult.passed`).
+const PASSING: &[&str] = &["OK", "NON-STRICT", "INFORMATIONAL"];
+
+/// One case's outcome, as `tests/python/autobahn.py` prints it.
+#[derive(Debug)]
+struct Outcome {
+    behavior: String,
+    behavior_close: String,
+    remote_close_code: Option<u64>,
+    closed_by_me: bool,
+    passed: bool,
+    detail: String,
+}
+
+/// Runs the cases against `url` and returns the outcome of each, by case id.
+fn run_suite(url: &str) -> BTreeMap<String, Outcome> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/autobahn.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(url)
+        .args(CASES)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "the Autobahn runner failed (CI installs kosoku: tests/ci-deps.sh):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut outcomes = BTreeMap::new();
+    for line in String::from_utf8(out.stdout).unwrap().lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let text = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+        outcomes.insert(
+            text("case"),
+            Outcome {
+                behavior: text("behavior"),
+                behavior_close: text("behavior_close"),
+                remote_close_code: v["remote_close_code"].as_u64(),
+                closed_by_me: v["closed_by_me"].as_bool().unwrap(),
+                passed: v["passed"].as_bool().unwrap(),
+                detail: format!("{} / {}", text("result"), text("result_close")),
+            },
+        );
+    }
+    outcomes
+}
+
+/// Counts of `behavior` verdicts, for the summary line.
+fn tally(outcomes: &BTreeMap<String, Outcome>) -> BTreeMap<&str, usize> {
+    let mut t = BTreeMap::new();
+    for o in outcomes.values() {
+        *t.entry(o.behavior.as_str()).or_default() += 1;
+    }
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autobahn_core_cases_through_wsbeat_match_the_direct_run() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    // The demo backend echoes every WebSocket path but its demo session's.
+    let site = wsbeat::demo::Site {
+        proxy_port: 0,
+        backend_port: backend.port(),
+        heartbeat: "--heartbeat--".into(),
+        heartbeat_interval: std::time::Duration::from_secs(4),
+    };
+    let echo = tokio::spawn(wsbeat::demo::backend(listener, std::sync::Arc::new(site)));
+    let proxy = Proxy::start(backend, |c| {
+        // No heartbeat or PING may reach kosoku during a case: Autobahn compares every
+        // frame the client receives with the case's expectation, so an extra text message
+        // or PING is a FAILED case that says nothing about relaying. An hour is far longer
+        // than the whole run, and heartbeats stay on (the relay runs its usual code).
+        c.heartbeat.interval = HumanDuration::secs(3600);
+        c.liveness.ping_interval = HumanDuration::secs(3600);
+        c.liveness.timeout = HumanDuration::secs(7200);
+        // Case 9 sends messages of up to 16 MiB (9.1.6, 9.2.6); the limit must let the
+        // largest through, with room, or wsbeat would close them with 1009 by design.
+        c.limits.max_message_size = ByteSize(64 << 20);
+    })
+    .await;
+
+    let direct_url = format!("ws://{backend}");
+    let proxied_url = proxy.url("");
+    let started = Instant::now();
+    let (direct, proxied) =
+        tokio::task::spawn_blocking(move || (run_suite(&direct_url), run_suite(&proxied_url)))
+            .await
+            .unwrap();
+    let elapsed = started.elapsed();
+
+    // The baseline must be a real run: every case present, and the backend conformant.
+    assert!(
+        direct.len() > 250,
+        "only {} cases ran directly",
+        direct.len()
+    );
+    let direct_failures: Vec<_> = direct
+        .iter()
+        .filter(|(_, o)| !o.passed)
+        .map(|(id, o)| format!("{id}: {} {} ({})", o.behavior, o.behavior_close, o.detail))
+        .collect();
+    assert!(
+        direct_failures.is_empty(),
+        "the echo backend itself fails cases, so it is no baseline:\n{}",
+        direct_failures.join("\n")
+    );
+    assert_eq!(
+        direct.keys().collect::<Vec<_>>(),
+        proxied.keys().collect::<Vec<_>>(),
+        "both runs cover the same cases"
+    );
+
+    let mut differences = Vec::new();
+    let mut coded = Vec::new();
+    for (id, d) in &direct {
+        let p = &proxied[id];
+        let verdict_ok =
+            PASSING.contains(&p.behavior.as_str()) && PASSING.contains(&p.behavior_close.as_str());
+        // Where the backend sent a close code, wsbeat must send the same one. Where the
+        // backend failed the connection by dropping TCP (tungstenite does, on invalid
+        // frames and invalid UTF-8), wsbeat's own validating parser fails it first and
+        // sends the code RFC 6455 asks for; kosoku's OK close verdict checks that code
+        // against the case's expected codes.
+        let same_code = d.remote_close_code.is_none() || p.remote_close_code == d.remote_close_code;
+        if d.remote_close_code.is_none() && p.remote_close_code.is_some() {
+            coded.push(id.as_str());
+        }
+        let same_close =
+            p.behavior_close == d.behavior_close && same_code && p.closed_by_me == d.closed_by_me;
+        if !verdict_ok || !same_close {
+            differences.push(format!(
+                "{id}: direct {} / {} (close code {:?}, kosoku closed first: {}), \
+                 through wsbeat {} / {} (close code {:?}, kosoku closed first: {}): {}",
+                d.behavior,
+                d.behavior_close,
+                d.remote_close_code,
+                d.closed_by_me,
+                p.behavior,
+                p.behavior_close,
+                p.remote_close_code,
+                p.closed_by_me,
+                p.detail
+            ));
+        }
+    }
+    println!(
+        "autobahn: {} cases in {:.1} s; direct {:?}; through wsbeat {:?}; {} differ; \
+         {} where the backend dropped TCP and wsbeat sent the RFC close code",
+        direct.len(),
+        elapsed.as_secs_f64(),
+        tally(&direct),
+        tally(&proxied),
+        differences.len(),
+        coded.len(),
+    );
+    assert!(
+        differences.is_empty(),
+        "wsbeat changes {} case(s):\n{}",
+        differences.len(),
+        differences.join("\n")
+    );
+    proxy.stop().await;
+    echo.abort();
+}

@@ -5,7 +5,6 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use common::*;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -183,24 +182,8 @@ async fn python_websockets_client_through_wsbeat() {
     let mut backend = Backend::echo().await;
     // A short heartbeat interval, from a config file.
     let running = WsbeatProcess::start(backend.addr, "heartbeat: { interval: 200ms }");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/client.py");
     let url = format!("ws://{}/py", running.addr);
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .args([script, &url, "--heartbeat--"])
-            .output()
-    });
-    let out = tokio::time::timeout(Duration::from_secs(30), out)
-        .await
-        .unwrap()
-        .unwrap()
-        .expect("python3 runs (CI installs `websockets`)");
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("OK"),
-        "python client failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python_client(&[&url, "--heartbeat--"]).await;
     // The backend saw the data and the close code, never the heartbeat.
     let mut seen = Vec::new();
     loop {
@@ -306,11 +289,6 @@ async fn json_logs_a_line_per_closed_websocket_and_readyz_turns_503_on_sigterm()
         );
         tokio::task::yield_now().await;
     }
-    let mut wsbeat = wsbeat;
-    let status = tokio::task::spawn_blocking(move || wsbeat.child.wait().unwrap());
-    let status = tokio::time::timeout(PATIENCE, status)
-        .await
-        .unwrap()
-        .unwrap();
+    let status = wsbeat.exit_status(PATIENCE).await;
     assert!(status.success(), "{status:?}");
 }

@@ -111,16 +111,6 @@ fn readyz(admin: SocketAddr) -> impl std::future::Future<Output = String> {
     )
 }
 
-/// Waits for the process to exit, at most `patience`.
-async fn exit_status(wsbeat: JsonWsbeat, patience: Duration) -> std::process::ExitStatus {
-    let mut wsbeat = wsbeat;
-    let status = tokio::task::spawn_blocking(move || wsbeat.child.wait().unwrap());
-    tokio::time::timeout(patience, status)
-        .await
-        .expect("wsbeat exited in time")
-        .unwrap()
-}
-
 /// A one-shot HTTP backend on `/slow`: reports when the request has arrived, answers when
 /// told to.
 async fn held_http_backend() -> (SocketAddr, oneshot::Receiver<()>, oneshot::Sender<()>) {
@@ -146,6 +136,20 @@ async fn held_http_backend() -> (SocketAddr, oneshot::Receiver<()>, oneshot::Sen
         let _ = s.read(&mut buf).await;
     });
     (addr, arrived, release)
+}
+
+/// Sends `GET /slow` to wsbeat and returns the client socket once the held backend has
+/// the request.
+async fn request_held_at_upstream(public: SocketAddr, arrived: oneshot::Receiver<()>) -> TcpStream {
+    let mut http = TcpStream::connect(public).await.unwrap();
+    http.write_all(b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::timeout(PATIENCE, arrived)
+        .await
+        .expect("the request reached the upstream in time")
+        .unwrap();
+    http
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,14 +191,7 @@ async fn sigterm_drains_200_busy_websockets_without_losing_a_message() {
             .expect("every connection warmed up in time");
     }
     // A plain HTTP request is in flight at the upstream.
-    let mut http = TcpStream::connect(public).await.unwrap();
-    http.write_all(b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n")
-        .await
-        .unwrap();
-    tokio::time::timeout(PATIENCE, http_arrived)
-        .await
-        .unwrap()
-        .unwrap();
+    let mut http = request_held_at_upstream(public, http_arrived).await;
     assert!(readyz(admin).await.starts_with("HTTP/1.1 200"));
 
     // Timed from kill(1)'s return: the signal has been delivered by then.
@@ -256,7 +253,7 @@ async fn sigterm_drains_200_busy_websockets_without_losing_a_message() {
         dropped_to_client += line["dropped_to_client"].as_u64().unwrap();
         dropped_to_upstream += line["dropped_to_upstream"].as_u64().unwrap();
     }
-    let status = exit_status(wsbeat, drain_timeout).await;
+    let status = wsbeat.exit_status(drain_timeout).await;
     let exited_after = signalled.elapsed();
     assert!(status.success(), "{status:?}");
 
@@ -304,17 +301,10 @@ async fn a_second_signal_exits_at_once() {
     ]);
     let public = wsbeat.addr("listening");
     // A request the upstream never answers keeps the drain waiting (drain_timeout 25s).
-    let mut http = TcpStream::connect(public).await.unwrap();
-    http.write_all(b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n")
-        .await
-        .unwrap();
-    tokio::time::timeout(PATIENCE, http_arrived)
-        .await
-        .unwrap()
-        .unwrap();
+    let _http = request_held_at_upstream(public, http_arrived).await;
     wsbeat.signal("TERM");
     wsbeat.next("draining");
     wsbeat.signal("TERM");
-    let status = exit_status(wsbeat, PATIENCE).await;
+    let status = wsbeat.exit_status(PATIENCE).await;
     assert_eq!(status.code(), Some(130), "{status:?}");
 }

@@ -229,24 +229,6 @@ async fn wss_backend(leaf: &Leaf) -> (SocketAddr, mpsc::UnboundedReceiver<Option
     (addr, sni)
 }
 
-/// One sample of the admin listener's `/metrics`: the value of `family` with `labels`.
-async fn metric(admin: SocketAddr, family: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = raw_http(
-        admin,
-        "GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-    text.lines()
-        .find(|l| {
-            l.strip_prefix(family)
-                .is_some_and(|rest| rest.starts_with('{'))
-                && wanted.iter().all(|w| l.contains(w.as_str()))
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {family}{labels:?} in:\n{text}"))
-}
-
 async fn tls_errors(proxy: &Proxy, leg: &str) -> f64 {
     metric(
         proxy.admin,
@@ -417,38 +399,15 @@ async fn python_websockets_over_tls_trusting_only_the_test_ca() {
         c.heartbeat.interval = ms(200);
     })
     .await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/client.py");
     let url = format!("wss://localhost:{}/py", proxy.addr.port());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .args([script, &url, HB, ca_file.to_str().unwrap()])
-            .output()
-    });
-    let out = tokio::time::timeout(Duration::from_secs(30), out)
-        .await
-        .unwrap()
-        .unwrap()
-        .expect("python3 runs (CI installs `websockets`)");
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("OK"),
-        "python client failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python_client(&[&url, HB, ca_file.to_str().unwrap()]).await;
     backend
         .expect_message(Message::text("hello from python"))
         .await;
 
     // The same client with the system's roots does not trust the test certificate.
     let url = format!("wss://localhost:{}/py", proxy.addr.port());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3").args([script, &url, HB]).output()
-    });
-    let out = tokio::time::timeout(Duration::from_secs(30), out)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let out = python_client_output(&[&url, HB]).await;
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("CERTIFICATE_VERIFY_FAILED"),

@@ -604,6 +604,15 @@ impl JsonWsbeat {
             .unwrap()
     }
 
+    /// Waits for the process to exit, at most `patience`.
+    pub async fn exit_status(mut self, patience: Duration) -> std::process::ExitStatus {
+        let status = tokio::task::spawn_blocking(move || self.child.wait().unwrap());
+        tokio::time::timeout(patience, status)
+            .await
+            .expect("wsbeat exited in time")
+            .unwrap()
+    }
+
     /// Sends a signal (`TERM`, `INT`, `STOP` …) with kill(1).
     pub fn signal(&self, sig: &str) {
         let status = Command::new("kill")
@@ -819,4 +828,30 @@ pub fn head_field<'a>(head: &'a str, name: &str) -> Option<&'a str> {
             .eq_ignore_ascii_case(name)
             .then(|| value.trim())
     })
+}
+
+/// Runs tests/python/client.py (Python `websockets`, a client nobody here wrote) with
+/// `args`, at most 30 s, and returns what it did.
+pub async fn python_client_output(args: &[&str]) -> std::process::Output {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/client.py");
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3").arg(script).args(&args).output()
+    });
+    tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .expect("python client done in 30 s")
+        .unwrap()
+        .expect("python3 runs (CI installs `websockets`)")
+}
+
+/// Runs tests/python/client.py and fails the test unless it exits 0 saying OK.
+pub async fn python_client(args: &[&str]) {
+    let out = python_client_output(args).await;
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("OK"),
+        "python client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

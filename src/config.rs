@@ -465,13 +465,39 @@ impl FromStr for UpstreamUrl {
         if authority.as_str().contains('@') {
             return Err(format!("`{s}`: credentials in the URL are not supported"));
         }
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
+        // `http::Uri` accepts more than a host (brackets anywhere, `,`, `!`) and reads a
+        // port that is not a number as no port at all: check both here, so that a typo
+        // is an error instead of a dial to port 80, and `wsbeat check` prints a URL that
+        // reads back.
+        let raw_host = authority.host();
+        let host = match raw_host.strip_prefix('[') {
+            Some(bracketed) => bracketed
+                .strip_suffix(']')
+                .filter(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
+                .ok_or_else(|| format!("`{s}`: `{raw_host}` is not an IPv6 address"))?,
+            None => raw_host,
+        };
         if host.is_empty() {
             return Err(format!("`{s}` has no host"));
         }
+        let name_chars = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_');
+        if !raw_host.starts_with('[') && !host.bytes().all(name_chars) {
+            return Err(format!("`{s}`: `{host}` is not a host name or IP address"));
+        }
+        let port = match authority.as_str().strip_prefix(raw_host) {
+            Some("") => {
+                if secure {
+                    443
+                } else {
+                    80
+                }
+            }
+            after_host => after_host
+                .and_then(|rest| rest.strip_prefix(':'))
+                .and_then(|p| p.parse::<u16>().ok())
+                .filter(|&p| p != 0)
+                .ok_or_else(|| format!("`{s}`: the port must be a number from 1 to 65535"))?,
+        };
         if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
             return Err(format!(
                 "`{s}`: an upstream URL has no path or query (the client's path and query are forwarded unchanged)"
@@ -480,9 +506,7 @@ impl FromStr for UpstreamUrl {
         Ok(UpstreamUrl {
             secure,
             host: host.to_owned(),
-            port: authority
-                .port_u16()
-                .unwrap_or(if secure { 443 } else { 80 }),
+            port,
         })
     }
 }
@@ -1048,5 +1072,39 @@ mod tests {
         let c = parse("routes:\n  - path: /ws/chat\n    heartbeat: { interval: 2s }\n").unwrap();
         let again = parse(&c.to_yaml()).unwrap();
         assert_eq!(c, again);
+    }
+
+    #[test]
+    fn upstream_urls_with_a_bad_port_or_host_are_errors() {
+        for bad in [
+            "ws://backend:80a",
+            "ws://backend:99999",
+            "ws://backend:0",
+            "ws://backend:",
+            "ws://back[end]:80",
+            "ws://a,b!c:80",
+            "ws://[not-ipv6]:80",
+        ] {
+            let e = UpstreamUrl::from_str(bad).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+        let ok = |s: &str| UpstreamUrl::from_str(s).unwrap().authority();
+        assert_eq!(ok("ws://backend"), "backend:80");
+        assert_eq!(ok("wss://backend"), "backend:443");
+        assert_eq!(ok("ws://my_backend-1.svc:8000/"), "my_backend-1.svc:8000");
+        assert_eq!(ok("ws://[::1]:9000"), "[::1]:9000");
+    }
+
+    /// Found by `cargo fuzz run config` (fuzz/corpus/config/regression-url-brackets.yaml):
+    /// `http::Uri` took this authority, wsbeat kept `0_____________A_____[___…tag` as the
+    /// host, and `wsbeat check` printed a URL it could not read back.
+    #[test]
+    fn fuzz_regression_a_bracket_inside_the_host_is_refused() {
+        let text = include_str!("../fuzz/corpus/config/regression-url-brackets.yaml");
+        let e = parse(text).unwrap_err().to_string();
+        assert!(
+            e.contains("upstream.url") && e.contains("not a host name"),
+            "{e}"
+        );
     }
 }

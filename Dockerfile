@@ -17,6 +17,8 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# `wsbeat demo` embeds the browser client (include_str! in src/demo.rs).
+COPY clients/js/wsbeat.js ./clients/js/wsbeat.js
 RUN cargo build --release --locked
 
 # Final stage: distroless `cc` (glibc + libgcc, which is all the binary links against;

@@ -753,10 +753,27 @@ wsbeat_check_image_cmd() {
         fi
 }
 
+build_context_compiles() {
+    # The build stage sees only what its COPY lines bring in (an `include_str!` of a file
+    # outside them breaks the image build). Copy exactly those paths and compile there.
+    local ctx="$TMP/build-context" line src
+    mkdir -p "$ctx"
+    while read -r line; do
+        src="${line#COPY }"; src="${src% *}"
+        for path in $src; do
+            mkdir -p "$ctx/$(dirname "$path")" && cp -r "$path" "$ctx/$path"
+        done
+    done < <(awk '/^FROM /{n++} n==1 && /^COPY / && !/--from/' Dockerfile)
+    CARGO_TARGET_DIR="$PWD/target/docker-context" \
+        cargo check --quiet --release --locked --manifest-path "$ctx/Cargo.toml" &&
+        echo "cargo check --release --locked passes with only: $(cd "$ctx" && echo *)"
+}
+
 # --- the checks -------------------------------------------------------------------------------
 check "hadolint Dockerfile" bash -c 'hadolint Dockerfile && echo "no findings"'
 check "Dockerfile builds and ships what it should" py dockerfile Dockerfile .dockerignore
 check "image's default command passes wsbeat check" wsbeat_check_image_cmd
+check "the build stage's COPYs are enough to compile" build_context_compiles
 
 check "render deploy/kubernetes ($renderer)" render deploy/kubernetes "$TMP/base.yaml"
 check "render with the annotations component" with_annotations

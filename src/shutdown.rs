@@ -7,17 +7,23 @@ use tokio_util::task::TaskTracker;
 
 /// Resolves at the first SIGTERM or SIGINT. From then on a second signal exits the
 /// process at once (an operator who presses Ctrl-C twice means it).
-pub async fn signal() {
+///
+/// The handlers are installed when this is called, not when the future is first polled:
+/// until then SIGTERM would kill the process outright (its default action), so call it
+/// before anything listens.
+pub fn signal() -> impl std::future::Future<Output = ()> {
     // One set of listeners for both signals: a signal that arrives while no listener
     // exists is lost, so the second one must not depend on a task being scheduled.
     let mut signals = Signals::new();
-    signals.recv().await;
-    tracing::info!("shutdown signal received: draining (a second signal exits at once)");
-    tokio::spawn(async move {
+    async move {
         signals.recv().await;
-        tracing::warn!("second shutdown signal: exiting now");
-        std::process::exit(130);
-    });
+        tracing::info!("shutdown signal received: draining (a second signal exits at once)");
+        tokio::spawn(async move {
+            signals.recv().await;
+            tracing::warn!("second shutdown signal: exiting now");
+            std::process::exit(130);
+        });
+    }
 }
 
 /// SIGTERM (what Kubernetes sends) and SIGINT (Ctrl-C).

@@ -242,7 +242,7 @@ async fn demo_echoes_and_beats() {
 async fn json_logs_a_line_per_closed_websocket_and_readyz_turns_503_on_sigterm() {
     let backend = Backend::echo().await;
     let upstream = format!("ws://{}", backend.addr);
-    let wsbeat = JsonWsbeat::spawn(&[
+    let mut wsbeat = JsonWsbeat::spawn(&[
         "--listen",
         "127.0.0.1:0",
         "--upstream",
@@ -250,7 +250,6 @@ async fn json_logs_a_line_per_closed_websocket_and_readyz_turns_503_on_sigterm()
         "--admin-listen",
         "127.0.0.1:0",
     ]);
-    let next = |message: &str| wsbeat.next(message);
     let public = wsbeat.addr("listening");
     let admin = wsbeat.addr("admin listening");
 
@@ -259,7 +258,7 @@ async fn json_logs_a_line_per_closed_websocket_and_readyz_turns_503_on_sigterm()
     echo_roundtrip(&mut client, Message::text("hello")).await;
     client.close(None).await.unwrap();
     while futures_util::StreamExt::next(&mut client).await.is_some() {}
-    let closed = next("websocket closed");
+    let closed = wsbeat.next("websocket closed");
     assert_eq!(closed["level"], "INFO");
     assert_eq!(closed["route"], "default");
     assert_eq!(closed["outcome"], "client_close");

@@ -165,7 +165,7 @@ async fn sigterm_drains_200_busy_websockets_without_losing_a_message() {
          heartbeat: {{ message: null }}\n",
         drain_timeout.as_secs()
     ));
-    let wsbeat = JsonWsbeat::spawn(&[
+    let mut wsbeat = JsonWsbeat::spawn(&[
         "--config",
         config.path(),
         "--listen",
@@ -291,7 +291,7 @@ async fn sigterm_drains_200_busy_websockets_without_losing_a_message() {
 async fn a_second_signal_exits_at_once() {
     let (http_backend, http_arrived, _hold) = held_http_backend().await;
     let upstream = format!("ws://{http_backend}");
-    let wsbeat = JsonWsbeat::spawn(&[
+    let mut wsbeat = JsonWsbeat::spawn(&[
         "--listen",
         "127.0.0.1:0",
         "--upstream",

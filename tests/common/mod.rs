@@ -586,17 +586,22 @@ impl JsonWsbeat {
     }
 
     /// The next log line whose message is `message` (earlier lines are skipped).
-    pub fn next(&self, message: &str) -> serde_json::Value {
+    pub fn next(&mut self, message: &str) -> serde_json::Value {
+        let mut skipped = Vec::new();
         loop {
-            let v = self.lines.recv_timeout(PATIENCE).expect("log line in time");
-            if v["message"] == message {
-                return v;
+            match self.lines.recv_timeout(PATIENCE) {
+                Ok(v) if v["message"] == message => return v,
+                Ok(v) => skipped.push(v),
+                Err(e) => panic!(
+                    "no log line {message:?} ({e}); wsbeat: {:?}; lines seen: {skipped:?}",
+                    self.child.try_wait()
+                ),
             }
         }
     }
 
     /// The address logged by the next line saying `message` ("listening", "admin listening").
-    pub fn addr(&self, message: &str) -> SocketAddr {
+    pub fn addr(&mut self, message: &str) -> SocketAddr {
         self.next(message)["addr"]
             .as_str()
             .unwrap()

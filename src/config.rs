@@ -57,6 +57,11 @@ pub struct Config {
     /// from any other `Origin` gets 403 (cross-site WebSocket hijacking). A handshake
     /// without `Origin` (not from a browser) passes. `null`: any origin.
     pub allowed_origins: Option<Vec<String>>,
+    /// A path (`/_wsbeat.js`) at which wsbeat serves its own browser client, the
+    /// `clients/js/wsbeat.js` it was built with, instead of passing the request on.
+    /// Exactly that path, GET and HEAD; `null` (the default): never, so no application
+    /// route is shadowed.
+    pub client_script: Option<String>,
     /// Heartbeats sent to clients and dropped from them (the ws4redis protocol).
     pub heartbeat: HeartbeatConfig,
     /// Protocol PINGs and the dead-peer verdict.
@@ -78,6 +83,7 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             routes: Vec::new(),
             allowed_origins: None,
+            client_script: None,
             heartbeat: HeartbeatConfig::default(),
             liveness: LivenessConfig::default(),
             limits: LimitsConfig::default(),
@@ -695,6 +701,19 @@ impl Config {
         )?;
         validate_liveness("liveness", &self.liveness)?;
         validate_origins("allowed_origins", &self.allowed_origins)?;
+        if let Some(path) = &self.client_script {
+            if !path.starts_with('/')
+                || path.contains(['?', '#'])
+                || path.contains(char::is_whitespace)
+            {
+                return Err(invalid(
+                    "client_script",
+                    format!(
+                        "`{path}` must be a path like `/_wsbeat.js` (starting with `/`, no query)"
+                    ),
+                ));
+            }
+        }
         if self.limits.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be at least 1"));
         }
@@ -965,6 +984,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("limits.max_message_size"), "{e}");
+        for bad in ["_wsbeat.js", "/a.js?v=1", "/a b.js"] {
+            let e = parse(&format!("client_script: \"{bad}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("client_script") && e.contains(bad), "{e}");
+        }
+        let ok = parse("client_script: /_wsbeat.js\n").unwrap();
+        assert_eq!(ok.client_script.as_deref(), Some("/_wsbeat.js"));
     }
 
     #[test]

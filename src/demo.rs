@@ -26,8 +26,6 @@ use crate::config::{Config, UpstreamUrl};
 
 /// The demo page; `__DEMO_CONFIG__` becomes a JSON object (see [`Site::page`]).
 const PAGE: &str = include_str!("demo/page.html");
-/// The browser client, served at `/wsbeat.js` for the page to import.
-const CLIENT_JS: &str = include_str!("../clients/js/wsbeat.js");
 /// The WebSocket path of the demo session (ticks, pause, kill); any other path echoes.
 pub const DEMO_PATH: &str = "/demo";
 /// How often the demo session sends its own message.
@@ -133,7 +131,11 @@ fn respond(mut req: Request<Incoming>, site: &Site) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/" | "/index.html" => reply(StatusCode::OK, "text/html; charset=utf-8", site.page()),
-        "/wsbeat.js" => reply(StatusCode::OK, "text/javascript", CLIENT_JS.into()),
+        "/wsbeat.js" => reply(
+            StatusCode::OK,
+            "text/javascript",
+            crate::client_script::SOURCE.into(),
+        ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
 }
@@ -269,7 +271,6 @@ mod tests {
         assert!(page.contains(r#""proxyPort":8080"#), "{page}");
         assert!(page.contains(r#""heartbeatIntervalMs":4000"#));
         assert!(page.contains(r#"from "./wsbeat.js""#));
-        assert!(CLIENT_JS.contains("export class WsBeat"));
 
         let hostile = Site {
             heartbeat: "</script><script>alert(1)</script>".into(),

@@ -6,6 +6,7 @@
 //! - [`server`]: the public listener, routing, the hand-over to a relay.
 //! - [`handshake`]: the client handshake decision (pure): request head → response.
 //! - [`upstream`]: the upstream leg's handshake with the forwarded headers.
+//! - [`client_script`]: the browser client, served at `client_script` when configured.
 //! - [`passthrough`]: plain HTTP requests, proxied through a pooled client.
 //! - [`relay`]: the per-connection loop that holds both sockets.
 //! - [`frame`]: WebSocket frames on the wire: the validating parser and the encoder.
@@ -18,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod client_script;
 pub mod config;
 pub mod demo;
 pub mod frame;

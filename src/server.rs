@@ -187,6 +187,9 @@ impl Proxy {
         info: ClientInfo,
         route: Arc<Route>,
     ) -> Response<Body> {
+        if self.config.client_script.as_deref() == Some(req.uri().path()) {
+            return crate::client_script::respond(req.method(), req.headers());
+        }
         if !is_upgrade_request(req.headers()) {
             return self.forward_http(req, info, &route).await;
         }

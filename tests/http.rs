@@ -612,6 +612,79 @@ async fn plain_http_is_counted_by_status_with_its_duration() {
 }
 
 #[tokio::test]
+async fn client_script_is_served_at_its_path_only_when_configured() {
+    const SCRIPT: &str = "/_wsbeat.js";
+    let source =
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/js/wsbeat.js")).unwrap();
+    let backend = HttpBackend::start("a").await;
+
+    // Off by default: the path is the application's.
+    let plain = http_proxy(backend.addr).await;
+    let mut client = http_client(plain.addr).await;
+    let (status, headers, _) = exchange(&mut client, get(SCRIPT)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(headers["x-backend"], "a");
+
+    let proxy = Proxy::start(backend.addr, |c| c.client_script = Some(SCRIPT.into())).await;
+    let mut client = http_client(proxy.addr).await;
+    for path in [SCRIPT.to_owned(), format!("{SCRIPT}?v=3")] {
+        let (status, headers, body) = exchange(&mut client, get(&path)).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert!(
+            headers.get("x-backend").is_none(),
+            "{path} reached the backend"
+        );
+        assert_eq!(body.as_bytes(), source, "{path}: not clients/js/wsbeat.js");
+        assert_eq!(
+            headers[header::CONTENT_TYPE],
+            "text/javascript; charset=utf-8"
+        );
+        assert_eq!(headers[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+    }
+    let (_, headers, _) = exchange(&mut client, get(SCRIPT)).await;
+    let etag = headers[header::ETAG].clone();
+
+    let mut revalidate = get(SCRIPT);
+    revalidate
+        .headers_mut()
+        .insert(header::IF_NONE_MATCH, etag.clone());
+    let (status, headers, body) = exchange(&mut client, revalidate).await;
+    assert_eq!((status, body.as_str()), (StatusCode::NOT_MODIFIED, ""));
+    assert_eq!(headers[header::ETAG], etag);
+
+    let head = Request::head(SCRIPT)
+        .header(header::HOST, "app.example")
+        .body(full(""))
+        .unwrap();
+    let (status, headers, body) = exchange(&mut client, head).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, ""));
+    assert_eq!(headers[header::CONTENT_LENGTH], source.len().to_string());
+
+    let post = Request::post(SCRIPT)
+        .header(header::HOST, "app.example")
+        .body(full("x"))
+        .unwrap();
+    let (status, headers, _) = exchange(&mut client, post).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(headers[header::ALLOW], "GET, HEAD");
+
+    // Exactly that path: its neighbours still belong to the application.
+    for path in ["/_wsbeat.jsx", "/_wsbeat.js/x", "/hello"] {
+        let (_, headers, _) = exchange(&mut client, get(path)).await;
+        assert_eq!(
+            headers["x-backend"], "a",
+            "{path} did not reach the backend"
+        );
+    }
+    // Counted like any request on that path: 4 script answers and /hello.
+    let ok = [("route", "default"), ("status", "200")];
+    assert_eq!(
+        metric(proxy.admin, "wsbeat_http_requests_total", &ok).await,
+        5.0
+    );
+}
+
+#[tokio::test]
 async fn a_1_gib_upload_streams_through_the_binary_in_flat_memory() {
     let backend = HttpBackend::start("a").await;
     let wsbeat = WsbeatProcess::start(backend.addr, "");

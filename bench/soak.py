@@ -440,12 +440,17 @@ async def soak(args: argparse.Namespace) -> int:
             )
         )
     )
-    codes: dict[str, float] = {}
-    for line in m.splitlines():
-        c = re.match(r'wsbeat_close_codes_total\{(.*)\} (\S+)', line)
-        if c:
-            codes[c.group(1)] = codes.get(c.group(1), 0) + float(c.group(2))
-    print("wsbeat close codes: " + ", ".join(f"{{{k}}} {v:.0f}" for k, v in sorted(codes.items())))
+    for family, title in (
+        ("wsbeat_close_codes_total", "close codes"),
+        # Since `reason="lost"` exists, backend kills show here beside the 502/504s.
+        ("wsbeat_upstream_errors_total", "upstream errors"),
+    ):
+        counts: dict[str, float] = {}
+        for line in m.splitlines():
+            c = re.match(family + r"\{(.*)\} (\S+)", line)
+            if c:
+                counts[c.group(1)] = counts.get(c.group(1), 0) + float(c.group(2))
+        print(f"wsbeat {title}: " + ", ".join(f"{{{k}}} {v:.0f}" for k, v in sorted(counts.items())))
     print(f"wsbeat fds by kind: before {fds_before}, after the drain {fds_after}")
     worst = "flat"
     print()

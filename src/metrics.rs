@@ -34,9 +34,17 @@ const KINDS: [&str; 3] = ["text", "binary", "close"];
 /// `reason` label values of `wsbeat_upstream_errors_total`.
 /// `timeout`, `connect`: dialing; `tls`: the upstream's certificate or TLS handshake;
 /// `handshake`, `refused`: the WebSocket handshake; `http`: a plain-HTTP exchange that
-/// broke before the response head.
-pub const UPSTREAM_ERROR_REASONS: [&str; 6] =
-    ["timeout", "connect", "tls", "handshake", "refused", "http"];
+/// broke before the response head; `lost`: an established WebSocket's upstream
+/// connection ended without a close frame (the backend crashed or reset it).
+pub const UPSTREAM_ERROR_REASONS: [&str; 7] = [
+    "timeout",
+    "connect",
+    "tls",
+    "handshake",
+    "refused",
+    "http",
+    "lost",
+];
 /// Round trips and connect times: 1 ms to 10 s.
 const LATENCY_BUCKETS: [f64; 13] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -335,6 +343,7 @@ impl Metrics {
             ],
             bytes_to_client: self.bytes.with_label_values(&[route, "to_client"]),
             bytes_to_upstream: self.bytes.with_label_values(&[route, "to_upstream"]),
+            upstream_lost: self.upstream_errors.with_label_values(&[route, "lost"]),
         }
     }
 
@@ -430,6 +439,8 @@ pub struct ConnMetrics {
     pub messages_to_upstream: [IntCounter; 3],
     pub bytes_to_client: IntCounter,
     pub bytes_to_upstream: IntCounter,
+    /// `wsbeat_upstream_errors_total{reason="lost"}`.
+    pub upstream_lost: IntCounter,
 }
 
 /// What `/connections` shows of one live WebSocket; the relay updates it as it goes.

@@ -743,6 +743,9 @@ where
                 self.begin_closing(Outcome::ClientClose, now);
             }
             LegKind::Upstream => {
+                // A backend that crashed or reset the connection: an upstream failure,
+                // though the outcome stays `upstream_close` (the upstream ended it).
+                self.ctx.metrics.upstream_lost.inc();
                 self.send_close(
                     LegKind::Client,
                     close::INTERNAL_ERROR,

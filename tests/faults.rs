@@ -123,6 +123,18 @@ async fn a_backend_killed_mid_stream_closes_its_clients_with_1011_and_a_restart_
         CLIENTS as f64
     );
 
+    // ... and counted as an upstream failure, which a clean close from the backend is not
+    // (tests/metrics.rs).
+    assert_eq!(
+        metric(
+            proxy.admin,
+            "wsbeat_upstream_errors_total",
+            &[d, ("reason", "lost")]
+        )
+        .await,
+        CLIENTS as f64
+    );
+
     // While it is down, a new WebSocket gets 502 and the failed connect is counted.
     let response = raw_http(proxy.addr, &upgrade_request("/")).await;
     assert!(response.starts_with("HTTP/1.1 502"), "{response}");

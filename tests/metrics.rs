@@ -69,7 +69,15 @@ const OUTCOMES: &[&str] = &[
     "error",
     "shutdown",
 ];
-const UPSTREAM_ERRORS: &[&str] = &["timeout", "connect", "tls", "handshake", "refused"];
+const UPSTREAM_ERRORS: &[&str] = &[
+    "timeout",
+    "connect",
+    "tls",
+    "handshake",
+    "refused",
+    "http",
+    "lost",
+];
 
 // ---------------------------------------------------------------------------------------
 // HTTP/1.1 GET over a raw socket.
@@ -1230,6 +1238,12 @@ async fn a_backend_close_code_is_counted_by_its_number() {
             &[("route", "default"), ("outcome", "upstream_close")]
         ),
         1.0
+    );
+    assert_eq!(
+        s.sum("wsbeat_upstream_errors_total", &[]),
+        0.0,
+        "a clean close is no upstream failure: {}",
+        s.text
     );
     assert_eq!(
         s.value(

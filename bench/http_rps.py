@@ -7,9 +7,9 @@ a pool of idle connections to the origin (nginx: `keepalive 64`; HAProxy and wsb
 by default). Targets are interleaved round by round so that drift in the machine's load
 hits them alike, and the table shows medians with ratios to wsbeat.
 
-    python3 bench/http.py                      # 3 rounds x 10 s, 100 connections
-    python3 bench/http.py --rounds 1 --seconds 3 --connections 50
-    WSBEAT_BIN=target/release/wsbeat python3 bench/http.py --json out.json
+    python3 bench/http_rps.py                      # 3 rounds x 10 s, 100 connections
+    python3 bench/http_rps.py --rounds 1 --seconds 3 --connections 50
+    WSBEAT_BIN=target/release/wsbeat python3 bench/http_rps.py --json out.json
 """
 from __future__ import annotations
 

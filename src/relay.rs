@@ -34,8 +34,9 @@ use crate::metrics::{ConnMetrics, ConnectionView};
 pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Bytes read from a socket at once (on the stack, not kept between reads).
 const READ_CHUNK: usize = 32 * 1024;
-/// A peer that has this many bytes of wsbeat's own frames (PONGs) waiting is not read
-/// until it takes them: a PING flood from a peer that does not read cannot grow memory.
+/// A peer that has this many bytes waiting for it (wsbeat's own frames, PONGs, queued or
+/// deferred behind a frame being forwarded) is not read until it takes them: a PING
+/// flood from a peer that does not read cannot grow memory.
 const OWN_FRAMES_LIMIT: usize = 8 * 1024;
 /// Timer deadlines are rounded up to this grid, so that the timers of many idle
 /// connections fire in one wake-up of the runtime instead of one each: heartbeats may
@@ -489,8 +490,10 @@ where
             LegKind::Upstream => (&self.upstream, &self.client),
         };
         let dropping = self.closing.is_some() && !src.passing;
+        // Own frames waiting behind a half-forwarded frame count too: a peer that reads
+        // a long frame slowly while flooding PINGs must not pile up PONGs without bound.
         src.readable
-            && src.out.len() < OWN_FRAMES_LIMIT
+            && src.out.len() + src.deferred.len() < OWN_FRAMES_LIMIT
             && (dst.out.is_empty() || !dst.writable || dropping)
     }
 

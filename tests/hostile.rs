@@ -581,3 +581,95 @@ async fn a_client_that_never_reads_while_the_backend_floods_is_closed_after_writ
     // The client's socket is dropped: reading it to the end terminates.
     read_until_closed(&mut raw).await;
 }
+
+/// Writes PING frames to `s` until wsbeat stops taking them (no progress for 1 s),
+/// `budget` bytes have gone, or 10 s have passed; returns the bytes written.
+async fn flood_pings(s: &mut (impl AsyncWriteExt + Unpin), budget: usize) -> usize {
+    let ping = client_frame(0x9, &[0x50; 125]);
+    let chunk: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 500)
+        .collect();
+    let mut written = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while written < budget && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(1), s.write(&chunk)).await {
+            Ok(Ok(n)) if n > 0 => written += n,
+            _ => break,
+        }
+    }
+    written
+}
+
+/// Far more than the kernel's socket buffers on both sides can hold (a few MiB each).
+const FLOOD_BUDGET: usize = 256 << 20;
+/// What the buffers may hold before wsbeat must have stopped reading.
+const FLOOD_BOUND: usize = 48 << 20;
+
+#[tokio::test]
+async fn a_ping_flood_from_a_client_that_never_reads_is_not_read_without_bound() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |_| {}).await;
+    let mut s = raw_websocket(proxy.addr, "/").await;
+    // Each PING owes a PONG the client never takes: past OWN_FRAMES_LIMIT of them,
+    // wsbeat stops reading, and the client's writes stall in the kernel's buffers.
+    let written = flood_pings(&mut s, FLOOD_BUDGET).await;
+    assert!(
+        written < FLOOD_BOUND,
+        "wsbeat kept reading PINGs: {written} B taken"
+    );
+}
+
+#[tokio::test]
+async fn a_ping_flood_behind_a_slowly_read_frame_does_not_grow_memory() {
+    // The backend sends one large message; the client reads it at a trickle, so the
+    // frame stays half forwarded for seconds and every PONG must wait behind it, while
+    // the client floods PINGs. Unbounded, wsbeat reads them all and piles up their
+    // PONGs; bounded, it stops reading once a few KiB of PONGs wait.
+    let backend = scripted_backend(|mut ws| async move {
+        let _ = ws.send(Message::binary(vec![7u8; 15 << 20])).await;
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+    let wsbeat = WsbeatProcess::start(backend, "");
+    let (mut read, mut write) = raw_websocket(wsbeat.addr, "/").await.into_split();
+    let before = wsbeat.rss_kib();
+    let trickle = tokio::spawn(async move {
+        // About 400 KB/s: the 15 MiB frame lasts over 30 s, the flood below 6 s.
+        let mut buf = [0u8; 2048];
+        let mut ticker = tokio::time::interval(Duration::from_millis(5));
+        loop {
+            ticker.tick().await;
+            if matches!(read.read(&mut buf).await, Ok(0) | Err(_)) {
+                return;
+            }
+        }
+    });
+    let mut peak = before;
+    let mut written = 0;
+    let ping = client_frame(0x9, &[0x50; 125]);
+    let chunk: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 100)
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < deadline {
+        let write = tokio::time::timeout(Duration::from_millis(100), write.write(&chunk));
+        if let Ok(Ok(n)) = write.await {
+            written += n;
+        }
+        peak = peak.max(wsbeat.rss_kib());
+    }
+    trickle.abort();
+    eprintln!(
+        "FIGURES ping flood behind a frame: {written} B of PINGs taken, RSS {before} KiB -> peak {peak} KiB"
+    );
+    assert!(
+        peak < before + 2560,
+        "RSS grew from {before} KiB to {peak} KiB while PONGs waited behind a frame"
+    );
+}

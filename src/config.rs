@@ -243,8 +243,12 @@ pub struct HeartbeatOverride {
 
 /// Deserialises a present key (even `null`) as `Some`, so that `message: null` in a route
 /// overrides the top-level message instead of inheriting it.
-fn explicit_null<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
-    Option::<String>::deserialize(d).map(Some)
+fn explicit_null<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// Liveness: PINGs to find dead and half-open peers.
@@ -278,8 +282,12 @@ pub struct LivenessOverride {
     pub ping_interval: Option<HumanDuration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<HumanDuration>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub upstream_ping_interval: Option<HumanDuration>,
+    /// `null` turns upstream PINGs off on this route.
+    #[serde(
+        deserialize_with = "explicit_null",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub upstream_ping_interval: Option<Option<HumanDuration>>,
 }
 
 /// Bounds on what one peer can cost.
@@ -345,6 +353,9 @@ impl HumanDuration {
     }
 }
 
+/// The longest duration any key takes: a year is far past any sensible timeout.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
 impl FromStr for HumanDuration {
     type Err = String;
 
@@ -379,6 +390,10 @@ impl FromStr for HumanDuration {
                 .and_then(|v| unit.checked_mul(v))
                 .ok_or_else(bad)?;
             total = total.checked_add(part).ok_or_else(bad)?;
+        }
+        // Deadlines are `now + duration`: a bound keeps that sum from overflowing.
+        if total > MAX_DURATION {
+            return Err(format!("`{s}` is longer than the 365d wsbeat accepts"));
         }
         Ok(HumanDuration(total))
     }
@@ -714,8 +729,13 @@ impl Config {
                 ));
             }
         }
-        if self.limits.max_connections == 0 {
-            return Err(invalid("limits.max_connections", "must be at least 1"));
+        // The connection semaphore cannot hold more permits than this.
+        let most = tokio::sync::Semaphore::MAX_PERMITS;
+        if !(1..=most).contains(&self.limits.max_connections) {
+            return Err(invalid(
+                "limits.max_connections",
+                format!("must be between 1 and {most}"),
+            ));
         }
         let max = self.limits.max_message_size.0;
         if max == 0 || max > 1 << 30 {
@@ -811,8 +831,8 @@ impl Config {
                 if let Some(o) = &r.liveness {
                     liveness.ping_interval = o.ping_interval.unwrap_or(liveness.ping_interval);
                     liveness.timeout = o.timeout.unwrap_or(liveness.timeout);
-                    if o.upstream_ping_interval.is_some() {
-                        liveness.upstream_ping_interval = o.upstream_ping_interval;
+                    if let Some(interval) = o.upstream_ping_interval {
+                        liveness.upstream_ping_interval = interval;
                     }
                 }
                 Arc::new(Route {
@@ -990,6 +1010,11 @@ mod tests {
                 .to_string();
             assert!(e.contains("client_script") && e.contains(bad), "{e}");
         }
+        let e = parse("liveness:\n  timeout: 366d\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("liveness.timeout") && e.contains("365d"), "{e}");
+        parse("liveness:\n  timeout: 365d\n").unwrap();
         let ok = parse("client_script: /_wsbeat.js\n").unwrap();
         assert_eq!(ok.client_script.as_deref(), Some("/_wsbeat.js"));
     }
@@ -1078,6 +1103,20 @@ mod tests {
             .to_string();
         assert!(e.contains("admin.listen"), "{e}");
         parse("listen: 127.0.0.1:0\nadmin: { listen: 127.0.0.1:0 }\n").unwrap();
+    }
+
+    #[test]
+    fn a_route_turns_upstream_pings_off_with_null() {
+        let c = parse(
+            "liveness:\n  upstream_ping_interval: 5s\nroutes:\n  - path: /off\n    liveness: { upstream_ping_interval: null }\n  - path: /kept\n    liveness: { timeout: 40s }\n",
+        )
+        .unwrap();
+        let routes = c.routes();
+        assert_eq!(routes.resolve("/off").liveness.upstream_ping_interval, None);
+        assert_eq!(
+            routes.resolve("/kept").liveness.upstream_ping_interval,
+            Some(HumanDuration::secs(5))
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ struct Cli {
     config: Option<PathBuf>,
     /// Public listener address; overrides `listen`.
     #[arg(long)]
-    listen: Option<SocketAddr>,
+    listen: Option<String>,
     /// Upstream URL (ws://host:port); overrides `upstream.url`.
     #[arg(long)]
     upstream: Option<String>,
@@ -65,8 +65,11 @@ fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
-    if let Some(listen) = cli.listen {
-        config.listen = listen;
+    if let Some(listen) = &cli.listen {
+        config.listen = listen.parse().map_err(|e| ConfigError::Invalid {
+            key: "--listen".into(),
+            reason: format!("`{listen}` is not an address like 0.0.0.0:8080 ({e})"),
+        })?;
     }
     if let Some(url) = &cli.upstream {
         config.upstream.url =

@@ -38,6 +38,16 @@ fn bad_values_and_missing_files_exit_64() {
             "limits:\n  max_message_size: 16MB\n",
             "limits.max_message_size",
         ),
+        // Past the connection semaphore's capacity: once a panic at start-up.
+        (
+            "limits:\n  max_connections: 18446744073709551615\n",
+            "limits.max_connections",
+        ),
+        // A deadline this far away would overflow the clock.
+        (
+            "shutdown:\n  drain_timeout: 9999999999d\n",
+            "shutdown.drain_timeout",
+        ),
     ] {
         let file = write_temp_config(yaml);
         let out = Command::new(BIN)
@@ -61,6 +71,17 @@ fn bad_values_and_missing_files_exit_64() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--upstream"));
+    for flag in ["--listen", "--admin-listen"] {
+        let out = Command::new(BIN)
+            .args([flag, "localhost", "check"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{flag}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(flag),
+            "{flag}"
+        );
+    }
 }
 
 #[test]

@@ -497,6 +497,16 @@ where
             && (dst.out.is_empty() || !dst.writable || dropping)
     }
 
+    /// Whether `leg` is left unread only because the other leg has not yet taken what
+    /// was forwarded to it.
+    fn held_back(&self, leg: LegKind) -> bool {
+        let (src, dst) = match leg {
+            LegKind::Client => (&self.client, &self.upstream),
+            LegKind::Upstream => (&self.upstream, &self.client),
+        };
+        src.readable && dst.writable && !dst.out.is_empty()
+    }
+
     /// Parses bytes read from `leg`, forwarding data frames to the other leg. Counters
     /// are added up here and published once per read, not once per message.
     fn process(&mut self, leg: LegKind, mut data: &[u8]) {
@@ -829,6 +839,15 @@ where
         }
         if self.closing.is_some() {
             return;
+        }
+        // A leg held back by backpressure is not read, so its PONGs go unseen: that
+        // silence is the other leg's doing (closed at write_timeout if it takes nothing),
+        // not a sign that this peer is dead.
+        if self.held_back(LegKind::Client) {
+            self.heartbeat.on_client_frame(now);
+        }
+        if self.held_back(LegKind::Upstream) {
+            self.heartbeat.on_upstream_frame(now);
         }
         loop {
             match self.heartbeat.poll(now) {

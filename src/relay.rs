@@ -32,6 +32,13 @@ use crate::metrics::{ConnMetrics, ConnectionView};
 /// After wsbeat sends a close frame (or decides a peer is dead), how long it waits for
 /// the close handshake to finish before it drops the sockets.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The wait for the client's close reply in a drain: at most CLOSE_GRACE and at most a
+/// third of `drain_timeout`, so the upstream's 1001 still goes out, and is answered,
+/// before the drain deadline even when the client never replies.
+pub fn drain_grace(drain_timeout: Duration) -> Duration {
+    CLOSE_GRACE.min(drain_timeout / 3)
+}
 /// Bytes read from a socket at once (on the stack, not kept between reads).
 const READ_CHUNK: usize = 32 * 1024;
 /// A peer that has this many bytes waiting for it (wsbeat's own frames, PONGs, queued or
@@ -128,6 +135,10 @@ pub struct RelayContext {
     pub max_message_size: u64,
     pub write_timeout: Duration,
     pub shutdown: CancellationToken,
+    /// How long a drain waits for the client's close reply before closing the upstream:
+    /// CLOSE_GRACE, or less when `shutdown.drain_timeout` leaves no room for it (see
+    /// [`drain_grace`]).
+    pub drain_grace: Duration,
     /// When the client handshake completed: the liveness clock starts here.
     pub started: Instant,
 }
@@ -779,7 +790,7 @@ where
     }
 
     /// Drain, client first: 1001 to the client while its messages still flow to the
-    /// upstream; once the client has answered (or is gone, or CLOSE_GRACE passed), 1001
+    /// upstream; once the client has answered (or is gone, or `drain_grace` passed), 1001
     /// to the upstream. Whatever either peer sent before its close reached the other
     /// side, except upstream messages that crossed the client's close.
     fn on_shutdown(&mut self) {
@@ -789,7 +800,11 @@ where
             "wsbeat is shutting down",
         );
         self.upstream_close_waits = true;
-        self.begin_closing(Outcome::Shutdown, Instant::now());
+        let now = Instant::now();
+        self.begin_closing(Outcome::Shutdown, now);
+        if let Some(c) = &mut self.closing {
+            c.deadline = c.deadline.min(now + self.ctx.drain_grace);
+        }
         self.advance_drain();
     }
 

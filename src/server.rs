@@ -349,6 +349,7 @@ impl Proxy {
                 max_message_size: proxy.config.limits.max_message_size.0,
                 write_timeout: proxy.config.limits.write_timeout.0,
                 shutdown: proxy.shutdown.clone(),
+                drain_grace: relay::drain_grace(proxy.config.shutdown.drain_timeout.0),
                 started,
             };
             let summary = relay::run(client, *upstream_socket, ctx).await;

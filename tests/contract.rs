@@ -442,7 +442,6 @@ async fn a_drain_that_hits_drain_timeout_exits_0_in_time() {
 /// DESIGN §1.6: "every WebSocket gets close 1001 on both legs", the backend's included,
 /// even when the drain is cut short by its deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "DESIGN gap: a drain cut at drain_timeout <= CLOSE_GRACE (1 s) with a silent client exits before the backend gets its 1001"]
 async fn a_drain_cut_short_by_drain_timeout_still_sends_1001_to_the_backend() {
     let StuckDrain {
         wsbeat,

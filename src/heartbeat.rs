@@ -186,6 +186,16 @@ impl Heartbeat {
     }
 
     /// What is due at `now`, most urgent first. Call until it returns `Idle`.
+    /// Whether [`poll`](Self::poll) would now declare a peer dead.
+    pub fn verdict_due(&self, now: Instant) -> bool {
+        !self.verdict
+            && (now >= self.client.last_frame + self.schedule.timeout
+                || self
+                    .upstream
+                    .as_ref()
+                    .is_some_and(|up| now >= up.last_frame + self.schedule.timeout))
+    }
+
     pub fn poll(&mut self, now: Instant) -> Action {
         if self.verdict {
             return Action::Idle;

@@ -39,6 +39,8 @@ pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
 pub fn drain_grace(drain_timeout: Duration) -> Duration {
     CLOSE_GRACE.min(drain_timeout / 3)
 }
+/// At most this many ready events are handled before a liveness verdict.
+const READY_EVENTS_BEFORE_VERDICT: usize = 64;
 /// Bytes read from a socket at once (on the stack, not kept between reads).
 const READ_CHUNK: usize = 32 * 1024;
 /// A peer that has this many bytes waiting for it (wsbeat's own frames, PONGs, queued or
@@ -371,6 +373,16 @@ where
                 biased;
                 _ = &mut shutdown, if self.closing.is_none() => self.on_shutdown(),
                 _ = &mut timer => {
+                    if self.closing.is_none() && self.heartbeat.verdict_due(Instant::now()) {
+                        // After a stall (a CPU-throttled pod, a paused process) the timer
+                        // fires before the socket is read: the peer's proof of life may be
+                        // waiting there. Let the runtime collect socket readiness first
+                        // (tokio's scheduler defers a yielded task until its I/O driver
+                        // has been polled; not a documented guarantee, measured in
+                        // tests/heartbeat.rs), then read what is ready before judging.
+                        tokio::task::yield_now().await;
+                        self.read_ready_input().await;
+                    }
                     self.on_timer();
                     self.advance_drain();
                     armed = self.deadline();
@@ -440,6 +452,17 @@ where
             d = d.min(blocked + self.ctx.write_timeout);
         }
         d
+    }
+
+    /// Handles every event that is ready now, without waiting (bounded, so a peer
+    /// that never stops sending cannot hold the timer off).
+    async fn read_ready_input(&mut self) {
+        for _ in 0..READY_EVENTS_BEFORE_VERDICT {
+            match poll_fn(|cx| Poll::Ready(self.poll_event(cx))).await {
+                Poll::Ready(event) => self.on_event(event),
+                Poll::Pending => return,
+            }
+        }
     }
 
     /// Drives writes on both legs, then reads from whichever leg may be read.

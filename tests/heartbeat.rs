@@ -200,6 +200,58 @@ async fn client_heartbeats_alone_keep_a_client_alive_past_timeout() {
     backend.expect_close(CloseCode::Away).await;
 }
 
+/// Sends `sig` (`STOP`, `CONT`) to a process.
+fn signal(pid: u32, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{sig} {pid}");
+}
+
+#[tokio::test]
+async fn after_a_stall_wsbeat_reads_waiting_proof_of_life_before_judging() {
+    // wsbeat frozen (SIGSTOP: a CPU-throttled pod, a paused VM) for longer than
+    // liveness.timeout while the client goes on sending heartbeats: on waking, every
+    // timer is due at once, and the client's heartbeats wait in the socket. They must be
+    // read before the verdict, or a live client is declared dead.
+    let mut backend = Backend::echo().await;
+    let wsbeat = WsbeatProcess::start(
+        backend.addr,
+        "liveness: { ping_interval: 200ms, timeout: 600ms }",
+    );
+    let mut raw = raw_websocket(wsbeat.addr, "/").await;
+    assert!(matches!(backend.next().await, Seen::Handshake { .. }));
+    let beat = client_frame(0x1, HB.as_bytes());
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    let started = Instant::now();
+    let mut stopped = false;
+    let mut resumed_at = None;
+    while resumed_at.is_none_or(|at: Instant| at.elapsed() < Duration::from_millis(1000)) {
+        ticker.tick().await;
+        raw.write_all(&beat).await.unwrap();
+        let t = started.elapsed();
+        if !stopped && t >= Duration::from_millis(300) {
+            signal(wsbeat.child.id(), "STOP");
+            stopped = true;
+        }
+        if stopped && resumed_at.is_none() && t >= Duration::from_millis(1800) {
+            signal(wsbeat.child.id(), "CONT");
+            resumed_at = Some(Instant::now());
+        }
+    }
+    let client = [("route", "default"), ("leg", "client")];
+    assert_eq!(
+        metric(wsbeat.admin, "wsbeat_liveness_timeouts_total", &client).await,
+        0.0,
+        "a client that kept sending was declared dead"
+    );
+    assert!(
+        backend.seen.try_recv().is_err(),
+        "the backend saw traffic (a close?)"
+    );
+}
+
 #[tokio::test]
 async fn a_silent_client_is_declared_dead_and_the_backend_gets_1001_in_time() {
     let mut backend = Backend::echo().await;

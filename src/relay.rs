@@ -379,7 +379,7 @@ where
                         // waiting there. Let the runtime collect socket readiness first
                         // (tokio's scheduler defers a yielded task until its I/O driver
                         // has been polled; not a documented guarantee, measured in
-                        // tests/heartbeat.rs), then read what is ready before judging.
+                        // tests/it/heartbeat.rs), then read what is ready before judging.
                         tokio::task::yield_now().await;
                         self.read_ready_input().await;
                     }

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Installs what the tests need besides Rust: for tests/metrics.rs, the reference
+# Installs what the tests need besides Rust: for tests/it/metrics.rs, the reference
 # Prometheus text parser (Python `prometheus_client`) and `promtool` (Debian's
-# `prometheus` package), which lints every scrape; for tests/netns.rs, `ip` (iproute2);
-# for tests/tls.rs the `openssl` command line (PKCS#1 and SEC1 keys); for
-# tests/conformance.rs kosoku (PyPI: the Autobahn TestSuite's cases driven by a native
+# `prometheus` package), which lints every scrape; for tests/it/netns.rs, `ip` (iproute2);
+# for tests/it/tls.rs the `openssl` command line (PKCS#1 and SEC1 keys); for
+# tests/it/conformance.rs kosoku (PyPI: the Autobahn TestSuite's cases driven by a native
 # runner, Python >= 3.10). Idempotent: safe to run on a machine that already has them.
 set -euo pipefail
 
@@ -12,7 +12,7 @@ python3 -m pip install --quiet --disable-pip-version-check prometheus_client 'ko
 missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
-# tests/netns.rs makes network namespaces with `ip`; it runs as root in CI.
+# tests/it/netns.rs makes network namespaces with `ip`; it runs as root in CI.
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 if [ "${#missing[@]}" -gt 0 ]; then
     apt-get update -qq

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what tests/browser (run by tests/browser.rs) needs besides Rust and Node:
+# Installs what tests/browser (run by tests/it/browser.rs) needs besides Rust and Node:
 # Debian's Chromium (playwright-core drives it; nothing downloads a browser build) and the
 # locked npm packages (playwright-core, ws, typescript for the type checks). Idempotent.
 set -euo pipefail

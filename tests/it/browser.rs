@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
+#[ignore = "needs Node, its npm packages and Chromium: bash tests/browser/ci-deps.sh"]
 #[test]
 fn browser_tests_pass_in_headless_chromium() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");

@@ -2,13 +2,11 @@
 //! both ways, /readyz, the closed listener, 1001 on every leg, exact message accounting,
 //! a plain HTTP request in flight, and the second signal.
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -120,20 +118,14 @@ async fn held_http_backend() -> (SocketAddr, oneshot::Receiver<()>, oneshot::Sen
     let (release, release_rx) = oneshot::channel::<()>();
     tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
-        let mut head = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !head.ends_with(b"\r\n\r\n") {
-            let n = s.read(&mut buf).await.unwrap();
-            assert!(n > 0);
-            head.extend_from_slice(&buf[..n]);
-        }
+        read_head(&mut s).await.expect("a request head");
         let _ = arrived_tx.send(());
         let _ = release_rx.await;
         let _ = s
             .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nfinished")
             .await;
         // Keep the socket until wsbeat is done with it.
-        let _ = s.read(&mut buf).await;
+        let _ = s.read(&mut [0u8; 1024]).await;
     });
     (addr, arrived, release)
 }

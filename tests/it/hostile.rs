@@ -1,32 +1,15 @@
 //! Slow and hostile clients: trickled request heads, clients that never read, invalid
 //! frames, oversized heads, connection bursts and header injection, over real sockets.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
-
-/// Reads what wsbeat sends until it closes the connection (or PATIENCE passes).
-async fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        match tokio::time::timeout(PATIENCE, s.read(&mut chunk))
-            .await
-            .expect("wsbeat closes the connection in time")
-        {
-            Ok(0) | Err(_) => return buf,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
 
 #[tokio::test]
 async fn a_trickled_request_head_is_dropped_at_handshake_timeout() {
@@ -78,11 +61,6 @@ struct BadFrames {
     what: &'static str,
     wire: Vec<u8>,
     code: u16,
-}
-
-fn unfinished(mut frame: Vec<u8>) -> Vec<u8> {
-    frame[0] &= 0x7F;
-    frame
 }
 
 fn close_with_code(code: u16) -> Vec<u8> {
@@ -163,12 +141,16 @@ fn bad_frame_table() -> Vec<BadFrames> {
         },
         BadFrames {
             what: "fragmented PING",
-            wire: unfinished(client_frame(0x9, b"p")),
+            wire: client_fragment(0x9, b"p"),
             code: 1002,
         },
         BadFrames {
             what: "fragmented close",
-            wire: unfinished(close_with_code(1000)),
+            wire: {
+                let mut f = close_with_code(1000);
+                f[0] &= 0x7F; // a fragmented control frame
+                f
+            },
             code: 1002,
         },
         BadFrames {
@@ -188,7 +170,7 @@ fn bad_frame_table() -> Vec<BadFrames> {
         },
         BadFrames {
             what: "new message inside a fragmented one",
-            wire: [unfinished(client_frame(0x1, b"a")), client_frame(0x2, b"b")].concat(),
+            wire: [client_fragment(0x1, b"a"), client_frame(0x2, b"b")].concat(),
             code: 1002,
         },
         BadFrames {
@@ -203,11 +185,7 @@ fn bad_frame_table() -> Vec<BadFrames> {
         },
         BadFrames {
             what: "overlong UTF-8 across fragments",
-            wire: [
-                unfinished(client_frame(0x1, b"a\xc0")),
-                client_frame(0x0, b"\xaf"),
-            ]
-            .concat(),
+            wire: [client_fragment(0x1, b"a\xc0"), client_frame(0x0, b"\xaf")].concat(),
             code: 1007,
         },
         BadFrames {
@@ -218,7 +196,7 @@ fn bad_frame_table() -> Vec<BadFrames> {
         BadFrames {
             what: "fragments adding up past max_message_size",
             wire: [
-                unfinished(client_frame(0x2, &[1; 600])),
+                client_fragment(0x2, &[1; 600]),
                 client_frame(0x0, &[2; 600]),
             ]
             .concat(),

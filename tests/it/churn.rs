@@ -5,14 +5,12 @@
 //! arrived whole; after any other end, each side received a prefix of what the other
 //! sent (in order, no duplicate, no corrupted byte) and was told with a close code.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};

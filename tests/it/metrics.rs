@@ -8,8 +8,6 @@
 //! knowable. Tests wait for counters to settle by scraping again until a condition holds
 //! or PATIENCE runs out; the short sleep between scrapes is only the retry interval.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -18,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -78,110 +76,6 @@ const UPSTREAM_ERRORS: &[&str] = &[
     "http",
     "lost",
 ];
-
-// ---------------------------------------------------------------------------------------
-// HTTP/1.1 GET over a raw socket.
-
-#[derive(Debug)]
-struct HttpResponse {
-    status: u16,
-    head: String,
-    body: String,
-}
-
-impl HttpResponse {
-    fn header(&self, name: &str) -> Option<String> {
-        self.head.lines().skip(1).find_map(|line| {
-            let (k, v) = line.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_owned())
-        })
-    }
-}
-
-fn invalid(what: String) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, what)
-}
-
-/// `GET path` with `Connection: close`, read to EOF; errors are returned (a refused
-/// connection is an answer in the readiness test).
-async fn try_get(addr: SocketAddr, path: &str) -> std::io::Result<HttpResponse> {
-    let mut s = TcpStream::connect(addr).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(request.as_bytes()).await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf))
-        .await
-        .map_err(|_| invalid(format!("no complete answer to GET {path} in time")))??;
-    let head_end = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| invalid(format!("no response head: {buf:?}")))?;
-    let head = String::from_utf8(buf[..head_end].to_vec())
-        .map_err(|_| invalid("response head is not UTF-8".into()))?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .filter(|_| head.starts_with("HTTP/1.1 "))
-        .ok_or_else(|| invalid(format!("bad status line: {head}")))?;
-    let raw = &buf[head_end + 4..];
-    let mut response = HttpResponse {
-        status,
-        head,
-        body: String::new(),
-    };
-    let chunked = response
-        .header("transfer-encoding")
-        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
-    let body = if chunked {
-        dechunk(raw)?
-    } else {
-        if let Some(len) = response.header("content-length") {
-            let len: usize = len
-                .parse()
-                .map_err(|_| invalid(format!("bad Content-Length {len}")))?;
-            if len != raw.len() {
-                return Err(invalid(format!(
-                    "Content-Length {len} but {} body bytes",
-                    raw.len()
-                )));
-            }
-        }
-        raw.to_vec()
-    };
-    response.body = String::from_utf8(body).map_err(|_| invalid("body is not UTF-8".into()))?;
-    Ok(response)
-}
-
-fn dechunk(mut raw: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut body = Vec::new();
-    loop {
-        let line_end = raw
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or_else(|| invalid("truncated chunk size".into()))?;
-        let line = std::str::from_utf8(&raw[..line_end]).unwrap_or("");
-        let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| invalid(format!("bad chunk size {line:?}")))?;
-        raw = &raw[line_end + 2..];
-        if size == 0 {
-            return Ok(body);
-        }
-        if raw.len() < size + 2 {
-            return Err(invalid("truncated chunk".into()));
-        }
-        body.extend_from_slice(&raw[..size]);
-        raw = &raw[size + 2..];
-    }
-}
-
-async fn get(addr: SocketAddr, path: &str) -> HttpResponse {
-    try_get(addr, path)
-        .await
-        .unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"))
-}
 
 // ---------------------------------------------------------------------------------------
 // Scrapes, parsed by prometheus_client and linted by promtool.
@@ -681,6 +575,7 @@ async fn open_held(url: &str, n: usize, batch: usize, tasks: &mut JoinSet<()>) -
 // ---------------------------------------------------------------------------------------
 // 1. Start-up.
 
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
 #[tokio::test]
 async fn every_family_is_exported_from_start_up_and_promtool_finds_it_clean() {
     let backend = Backend::echo().await;
@@ -721,6 +616,7 @@ async fn every_family_is_exported_from_start_up_and_promtool_finds_it_clean() {
 
 // 2. A scenario with exact counts.
 
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
 #[tokio::test]
 async fn a_mixed_workload_is_counted_exactly() {
     let mut backend = Backend::echo().await;
@@ -821,6 +717,7 @@ async fn a_mixed_workload_is_counted_exactly() {
 
 // 3. Client heartbeats.
 
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
 #[tokio::test]
 async fn client_heartbeats_are_dropped_and_counted() {
     let mut backend = Backend::echo().await;
@@ -859,6 +756,7 @@ async fn client_heartbeats_are_dropped_and_counted() {
 
 // 4. Heartbeats sent, PINGs and PONGs.
 
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
 #[tokio::test]
 async fn heartbeats_sent_match_what_the_client_received() {
     let backend = Backend::echo().await;
@@ -1088,6 +986,7 @@ fn assert_upstream_errors(s: &Scrape, reason: &str, status: &str) {
     );
 }
 
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
 #[tokio::test]
 async fn an_unreachable_upstream_counts_connect_and_502() {
     let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1102,6 +1001,7 @@ async fn an_unreachable_upstream_counts_connect_and_502() {
     assert_upstream_errors(&s, "connect", "502");
 }
 
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
 #[tokio::test]
 async fn an_upstream_refusal_counts_refused_and_its_status() {
     let backend = Backend::start(BackendBehaviour {
@@ -1118,6 +1018,7 @@ async fn an_upstream_refusal_counts_refused_and_its_status() {
     assert_upstream_errors(&s, "refused", "403");
 }
 
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
 #[tokio::test]
 async fn a_silent_upstream_counts_timeout_and_504() {
     // Accepted by the kernel's backlog, never answered.
@@ -1135,19 +1036,15 @@ async fn a_silent_upstream_counts_timeout_and_504() {
     drop(silent);
 }
 
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
 #[tokio::test]
 async fn an_invalid_upstream_handshake_counts_handshake_and_502() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            if s.read(&mut byte).await.unwrap_or(0) == 0 {
-                return;
-            }
-            head.push(byte[0]);
+        if read_head(&mut s).await.is_none() {
+            return;
         }
         // A 101 with the wrong Sec-WebSocket-Accept.
         let _ = s
@@ -1168,6 +1065,7 @@ async fn an_invalid_upstream_handshake_counts_handshake_and_502() {
     assert_upstream_errors(&s, "handshake", "502");
 }
 
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
 #[tokio::test]
 async fn a_successful_upgrade_counts_101_and_no_error() {
     let mut backend = Backend::echo().await;
@@ -1192,6 +1090,7 @@ async fn a_successful_upgrade_counts_101_and_no_error() {
 
 // 7. Close codes.
 
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
 #[tokio::test]
 async fn a_client_close_code_outside_1000_1015_is_counted_as_other() {
     let mut backend = Backend::echo().await;
@@ -1217,6 +1116,7 @@ async fn a_client_close_code_outside_1000_1015_is_counted_as_other() {
     );
 }
 
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
 #[tokio::test]
 async fn a_backend_close_code_is_counted_by_its_number() {
     // The backend closes with 1000 when asked to.
@@ -1261,15 +1161,7 @@ async fn a_backend_close_code_is_counted_by_its_number() {
 
 // Beyond the list: fragmented messages, and the upstream leg's PINGs and death.
 
-/// A masked client frame with an explicit FIN bit (common's `client_frame` always sets it).
-fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = client_frame(opcode, payload);
-    if !fin {
-        f[0] &= 0x7f;
-    }
-    f
-}
-
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
 #[tokio::test]
 async fn a_fragmented_message_counts_once_with_its_kind_and_payload_bytes() {
     let mut backend = Backend::echo().await;
@@ -1277,12 +1169,12 @@ async fn a_fragmented_message_counts_once_with_its_kind_and_payload_bytes() {
     let mut raw = raw_websocket(proxy.addr, "/").await;
     let mut wire = Vec::new();
     // Text in two fragments with a PING between them; binary in three.
-    wire.extend(masked_frame(false, 0x1, b"hel"));
-    wire.extend(masked_frame(true, 0x9, b"ping"));
-    wire.extend(masked_frame(true, 0x0, b"lo"));
-    wire.extend(masked_frame(false, 0x2, &[1, 2, 3]));
-    wire.extend(masked_frame(false, 0x0, &[4]));
-    wire.extend(masked_frame(true, 0x0, &[5, 6]));
+    wire.extend(client_fragment(0x1, b"hel"));
+    wire.extend(client_frame(0x9, b"ping"));
+    wire.extend(client_frame(0x0, b"lo"));
+    wire.extend(client_fragment(0x2, &[1, 2, 3]));
+    wire.extend(client_fragment(0x0, &[4]));
+    wire.extend(client_frame(0x0, &[5, 6]));
     raw.write_all(&wire).await.unwrap();
     for expected in [
         Message::text("hello"),
@@ -1325,24 +1217,11 @@ async fn silent_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            if s.read(&mut byte).await.unwrap_or(0) == 0 {
-                return;
-            }
-            head.push(byte[0]);
-        }
+        let Some(head) = read_head(&mut s).await else {
+            return;
+        };
         let head = String::from_utf8(head).unwrap();
-        let key = head
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.trim()
-                    .eq_ignore_ascii_case("sec-websocket-key")
-                    .then(|| v.trim().to_owned())
-            })
-            .expect("a key");
+        let key = head_field(&head, "sec-websocket-key").expect("a key");
         let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
         s.write_all(
             format!(
@@ -1360,6 +1239,7 @@ async fn silent_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     (addr, task)
 }
 
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
 #[tokio::test]
 async fn upstream_pings_are_counted_per_leg() {
     let backend = Backend::echo().await;
@@ -1389,6 +1269,7 @@ async fn upstream_pings_are_counted_per_leg() {
     settled(proxy.admin, 1).await;
 }
 
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
 #[tokio::test]
 async fn a_dead_upstream_is_counted_as_upstream_dead() {
     let (addr, _upstream) = silent_upstream().await;
@@ -1437,6 +1318,7 @@ async fn a_dead_upstream_is_counted_as_upstream_dead() {
 
 // 8. Per-connection series.
 
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
 #[tokio::test]
 async fn per_connection_series_follow_the_live_connections() {
     let backend = Backend::echo().await;
@@ -1499,6 +1381,7 @@ async fn per_connection_series_follow_the_live_connections() {
     }
 }
 
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_connection_series_are_capped_at_the_1000_oldest() {
     // File descriptors: 1005 clients + 2 × 1005 in wsbeat + 1005 in the backend ≈ 4020,
@@ -1592,6 +1475,7 @@ async fn per_connection_series_are_capped_at_the_1000_oldest() {
     .await;
 }
 
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn overlapping_scrapes_each_see_the_whole_per_connection_set() {
     let backend = Backend::echo().await;
@@ -1658,6 +1542,7 @@ async fn overlapping_scrapes_each_see_the_whole_per_connection_set() {
 
 // 9. Liveness and readiness.
 
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
 #[tokio::test]
 async fn readyz_turns_503_as_soon_as_the_drain_starts() {
     let mut backend = Backend::echo().await;
@@ -1673,7 +1558,7 @@ async fn readyz_turns_503_as_soon_as_the_drain_starts() {
     let stopping = tokio::spawn(proxy.stop());
     let deadline = Instant::now() + PATIENCE;
     loop {
-        match try_get(admin, "/readyz").await {
+        match try_raw_request(admin, &get_request(admin, "/readyz")).await {
             Ok(r) if r.status == 503 => break,
             Ok(r) if r.status == 200 => {}
             Ok(r) => panic!("/readyz answered {r:?}"),
@@ -1762,6 +1647,7 @@ fn readme_metric_names() -> BTreeSet<String> {
     names
 }
 
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
 #[tokio::test]
 async fn the_readme_metrics_table_lists_exactly_the_exported_families() {
     let readme = readme_metric_names();
@@ -1791,15 +1677,4 @@ async fn the_readme_metrics_table_lists_exactly_the_exported_families() {
     while let Some(r) = tasks.join_next().await {
         r.unwrap();
     }
-}
-
-// The test helpers themselves: the chunked decoder.
-
-#[test]
-fn dechunk_reassembles_a_chunked_body() {
-    assert_eq!(
-        dechunk(b"5\r\nhello\r\n6;x=y\r\n world\r\n0\r\n\r\n").unwrap(),
-        b"hello world"
-    );
-    assert!(dechunk(b"5\r\nhel").is_err());
 }

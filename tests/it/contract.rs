@@ -4,42 +4,21 @@
 //! upstream chosen by config whatever the request target says, and per-route overrides.
 //! Each test fails if the behaviour it names is removed.
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use wsbeat::config::HeartbeatMode;
 
-const HB: &str = "--heartbeat--";
 /// How late a timed event may be on a loaded 2-core machine before a test calls it missed.
 const MARGIN: Duration = Duration::from_millis(250);
-
-/// Sends `request` on a fresh connection and reads the response head (up to the blank
-/// line); the socket stays open for the WebSocket that may follow.
-async fn raw_upgrade(addr: SocketAddr, request: &str) -> (TcpStream, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(PATIENCE, s.read(&mut byte))
-            .await
-            .expect("a response head in time")
-            .unwrap();
-        assert_eq!(n, 1, "connection closed during the handshake: {head:?}");
-        head.push(byte[0]);
-    }
-    (s, String::from_utf8(head).unwrap())
-}
 
 /// An upstream on raw TCP that answers every handshake with a correct 101 plus
 /// `extra_headers` (whole lines, each ending in CRLF), then reads and discards until EOF.
@@ -54,14 +33,9 @@ async fn upstream_answering_101_with(
         while let Ok((mut s, _)) = listener.accept().await {
             let tx = tx.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
+                let Some(head) = read_head(&mut s).await else {
+                    return;
+                };
                 let head = String::from_utf8(head).unwrap();
                 let key = head_field(&head, "sec-websocket-key").expect("a key");
                 let accept =
@@ -86,22 +60,6 @@ async fn next_head(heads: &mut mpsc::UnboundedReceiver<String>) -> String {
         .await
         .expect("the upstream got a handshake in time")
         .expect("the upstream is running")
-}
-
-/// Receives for `window`; returns the arrival times of heartbeats, the number of data
-/// messages and the number of PINGs seen.
-async fn watch(client: &mut Client, window: Duration) -> (Vec<Instant>, usize, usize) {
-    let end = Instant::now() + window;
-    let (mut beats, mut data, mut pings) = (Vec::new(), 0, 0);
-    while let Ok(msg) = tokio::time::timeout_at(end.into(), recv(client)).await {
-        match msg {
-            Message::Text(t) if t.as_str() == HB => beats.push(Instant::now()),
-            Message::Text(_) | Message::Binary(_) => data += 1,
-            Message::Ping(_) => pings += 1,
-            _ => {}
-        }
-    }
-    (beats, data, pings)
 }
 
 /// TCP ports that process `pid` listens on: its socket inodes (/proc/PID/fd) matched
@@ -382,33 +340,6 @@ async fn sigterm_with_a_connection_that_will_not_close() -> StuckDrain {
     }
 }
 
-/// The close code in the first close frame of a client's (masked) byte stream: what
-/// wsbeat sent its upstream.
-fn close_code_in_masked(bytes: &[u8]) -> Option<u16> {
-    let mut at = 0;
-    while at + 2 <= bytes.len() {
-        let (len, header) = match bytes[at + 1] & 0x7F {
-            126 => (
-                usize::from(u16::from_be_bytes([
-                    *bytes.get(at + 2)?,
-                    *bytes.get(at + 3)?,
-                ])),
-                4,
-            ),
-            127 => return None, // wsbeat sends nothing that large of its own
-            n => (usize::from(n), 2),
-        };
-        let mask = bytes.get(at + header..at + header + 4)?;
-        let payload = bytes.get(at + header + 4..at + header + 4 + len)?;
-        if bytes[at] & 0x0F == 0x8 {
-            let code = payload.get(..2)?;
-            return Some(u16::from_be_bytes([code[0] ^ mask[0], code[1] ^ mask[1]]));
-        }
-        at += header + 4 + len;
-    }
-    None
-}
-
 /// DESIGN §1.6: the drain ends at `shutdown.drain_timeout` even when a connection never
 /// closes; wsbeat then exits 0 (lib.rs `serve` returns, main exits SUCCESS).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -455,7 +386,7 @@ async fn a_drain_cut_short_by_drain_timeout_still_sends_1001_to_the_backend() {
         .expect("the upstream's socket ended with the process")
         .unwrap();
     assert_eq!(
-        close_code_in_masked(&received.after),
+        close_code_in(&received.after),
         Some(1001),
         "the backend got {} bytes and no 1001",
         received.after.len()
@@ -519,7 +450,7 @@ async fn an_absolute_form_target_or_a_foreign_host_still_reaches_the_configured_
 
     let absolute = upgrade_request("ws://elsewhere.example:1/x?q=1")
         .replace("Host: test", "Host: elsewhere.example:1");
-    let (_absolute, head) = raw_upgrade(proxy.addr, &absolute).await;
+    let (_absolute, head) = raw_head(proxy.addr, &absolute).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     let upstream_head = next_head(&mut heads).await;
     assert!(
@@ -528,7 +459,7 @@ async fn an_absolute_form_target_or_a_foreign_host_still_reaches_the_configured_
     );
 
     let foreign = upgrade_request("/y").replace("Host: test", "Host: elsewhere.example:1");
-    let (_foreign, head) = raw_upgrade(proxy.addr, &foreign).await;
+    let (_foreign, head) = raw_head(proxy.addr, &foreign).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     let upstream_head = next_head(&mut heads).await;
     assert!(
@@ -564,10 +495,12 @@ async fn a_route_overrides_heartbeat_mode_and_upstream_ping_interval() {
     let mut default_route = connect(&proxy.url("/")).await;
     let mut idle_route = connect(&proxy.url("/idle/1")).await;
     let window = Duration::from_secs(2);
-    let ((interval_beats, interval_data, _), (idle_beats, idle_data, _)) = tokio::join!(
+    let (interval, idle) = tokio::join!(
         watch(&mut default_route, window),
         watch(&mut idle_route, window)
     );
+    let (interval_beats, interval_data) = (interval.beats, interval.data);
+    let (idle_beats, idle_data) = (idle.beats, idle.data);
     assert!(
         interval_data >= 10 && idle_data >= 10,
         "the backend was not busy"

@@ -1,10 +1,8 @@
 //! The relay and the two handshakes, end to end over real sockets.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -410,9 +408,7 @@ async fn fragmented_messages_pass_with_pings_between_fragments() {
     let mut backend = Backend::echo().await;
     let proxy = Proxy::start(backend.addr, |_| {}).await;
     let mut raw = raw_websocket(proxy.addr, "/").await;
-    let mut first = client_frame(0x1, b"frag");
-    first[0] &= 0x7F; // not final
-    let mut wire = first;
+    let mut wire = client_fragment(0x1, b"frag");
     wire.extend(client_frame(0x9, b"mid-ping"));
     wire.extend(client_frame(0x0, b"mented"));
     raw.write_all(&wire).await.unwrap();

@@ -1,14 +1,12 @@
 //! Upstream faults: a backend killed mid-stream and restarted, a backend that never
 //! answers the handshake, and a backend that stops reading.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -69,6 +67,7 @@ async fn until_tick(client: &mut Client) {
     }
 }
 
+#[ignore = "needs Python websockets: python3 -m pip install 'websockets>=12'"]
 #[tokio::test]
 async fn a_backend_killed_mid_stream_closes_its_clients_with_1011_and_a_restart_serves_again() {
     const CLIENTS: usize = 10;

@@ -1,38 +1,19 @@
 //! Heartbeats and liveness, timed over real sockets with short intervals and margins that
 //! survive a loaded 2-core machine.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::SinkExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use wsbeat::config::HeartbeatMode;
 
-const HB: &str = "--heartbeat--";
 /// Heartbeat interval in the cadence tests.
 const INTERVAL: Duration = Duration::from_millis(250);
 /// How late a heartbeat may be on a loaded machine before the test calls it missed.
 const MARGIN: Duration = Duration::from_millis(200);
-
-/// Receives for `window` and returns the arrival times of heartbeats and the number of
-/// data messages seen.
-async fn watch(client: &mut Client, window: Duration) -> (Vec<Instant>, usize) {
-    let end = Instant::now() + window;
-    let mut heartbeats = Vec::new();
-    let mut data = 0;
-    while let Ok(msg) = tokio::time::timeout_at(end.into(), recv(client)).await {
-        match msg {
-            Message::Text(t) if t.as_str() == HB => heartbeats.push(Instant::now()),
-            Message::Text(_) | Message::Binary(_) => data += 1,
-            _ => {}
-        }
-    }
-    (heartbeats, data)
-}
 
 fn max_gap(start: Instant, beats: &[Instant]) -> Duration {
     let mut prev = start;
@@ -52,7 +33,7 @@ async fn interval_mode_cadence(behaviour: BackendBehaviour) -> (usize, usize) {
     .await;
     let mut client = connect(&proxy.url("/")).await;
     let start = Instant::now();
-    let (beats, data) = watch(&mut client, Duration::from_millis(2000)).await;
+    let Watched { beats, data, .. } = watch(&mut client, Duration::from_millis(2000)).await;
     let gap = max_gap(start, &beats);
     assert!(gap <= INTERVAL + MARGIN, "a heartbeat gap of {gap:?}");
     // 2 s / 250 ms = 8 heartbeats; allow one lost to the window's edges.
@@ -126,7 +107,7 @@ async fn heartbeats_off_sends_none() {
     })
     .await;
     let mut client = connect(&proxy.url("/")).await;
-    let (beats, _) = watch(&mut client, Duration::from_millis(400)).await;
+    let beats = watch(&mut client, Duration::from_millis(400)).await.beats;
     assert!(beats.is_empty());
 }
 
@@ -198,15 +179,6 @@ async fn client_heartbeats_alone_keep_a_client_alive_past_timeout() {
     assert!(backend.seen.try_recv().is_err(), "the backend saw traffic");
     // Silence: now the verdict comes.
     backend.expect_close(CloseCode::Away).await;
-}
-
-/// Sends `sig` (`STOP`, `CONT`) to a process.
-fn signal(pid: u32, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{sig} {pid}");
 }
 
 #[tokio::test]
@@ -297,7 +269,7 @@ async fn a_client_that_answers_pings_outlives_the_timeout() {
     .await;
     // tokio-tungstenite answers PINGs while it reads; this client only reads.
     let mut client = connect(&proxy.url("/")).await;
-    let (_, data) = watch(&mut client, Duration::from_millis(1500)).await;
+    let data = watch(&mut client, Duration::from_millis(1500)).await.data;
     assert_eq!(data, 0);
     client.send(Message::text("still here")).await.unwrap();
     assert_eq!(

@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::config::{Config, UpstreamUrl};
+use wsbeat::config::{Config, UpstreamUrl};
 
 /// The demo page; `__DEMO_CONFIG__` becomes a JSON object (see [`Site::page`]).
 const PAGE: &str = include_str!("demo/page.html");
@@ -134,7 +134,7 @@ fn respond(mut req: Request<Incoming>, site: &Site) -> Response<Full<Bytes>> {
         "/wsbeat.js" => reply(
             StatusCode::OK,
             "text/javascript",
-            crate::client_script::SOURCE.into(),
+            wsbeat::client_script::SOURCE.into(),
         ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
@@ -207,17 +207,17 @@ where
 pub async fn run(
     listen: SocketAddr,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), crate::Error> {
+) -> Result<(), wsbeat::Error> {
     let backend_addr = SocketAddr::from(([127, 0, 0, 1], 0));
-    let backend_listener = crate::bind(backend_addr).await?;
+    let backend_listener = wsbeat::bind(backend_addr).await?;
     let backend_addr = backend_listener
         .local_addr()
-        .map_err(|source| crate::Error::Bind {
+        .map_err(|source| wsbeat::Error::Bind {
             addr: backend_addr,
             source,
         })?;
 
-    let listener = crate::bind(listen).await?;
+    let listener = wsbeat::bind(listen).await?;
     let proxy_addr = listener.local_addr().unwrap_or(listen);
     let mut config = Config {
         listen: proxy_addr,
@@ -250,7 +250,7 @@ pub async fn run(
          Ctrl-C stops the demo.",
         interval = config.heartbeat.interval,
     );
-    crate::serve(Arc::new(config), listener, None, shutdown).await;
+    wsbeat::serve(Arc::new(config), listener, None, shutdown).await;
     Ok(())
 }
 

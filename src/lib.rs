@@ -15,13 +15,11 @@
 //! - [`admin`]: `/metrics`, `/livez`, `/readyz`, `/connections` on their own listener.
 //! - [`tls`]: rustls configs for both legs, certificate reloading, the leg stream type.
 //! - [`shutdown`]: signals and the drain with a deadline.
-//! - [`demo`]: the demo backend behind `wsbeat demo`: a live page, wsbeat.js and echo.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod client_script;
 pub mod config;
-pub mod demo;
 pub mod frame;
 pub mod handshake;
 pub mod heartbeat;

@@ -1,6 +1,9 @@
 //! The `wsbeat` binary: command line, logging, configuration (exit 64 when it is bad),
-//! then the library's `run`.
+//! then the library's `run`; and `wsbeat demo` (module `demo`), which is not part of the
+//! library: the library is the proxy.
 #![forbid(unsafe_code)]
+
+mod demo;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -105,9 +108,7 @@ async fn main() -> ExitCode {
     }
 
     let result = match &cli.command {
-        Some(Command::Demo { listen }) => {
-            wsbeat::demo::run(*listen, wsbeat::shutdown::signal()).await
-        }
+        Some(Command::Demo { listen }) => demo::run(*listen, wsbeat::shutdown::signal()).await,
         Some(Command::Check { routes }) => {
             return match load_config(&cli) {
                 Ok(config) => {

@@ -4,7 +4,7 @@
 //! no failing case and keep each case's close behaviour: the verdict on the closing
 //! handshake, the close code the client received, and who closed first.
 //!
-//! The echo backend is `wsbeat::demo::echo_backend`: plain tokio-tungstenite, which passes
+//! The echo backend is the tests' `Backend::echo`: plain tokio-tungstenite, which passes
 //! these cases on its own (the direct run proves it every time; the test fails if it
 //! does not, so that a broken baseline cannot hide a wsbeat failure).
 
@@ -12,9 +12,8 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Instant;
 
-use crate::common::Proxy;
+use crate::common::{Backend, Proxy};
 use serde_json::Value;
-use tokio::net::TcpListener;
 use wsbeat::config::{ByteSize, HumanDuration};
 
 /// Every Autobahn core case group; 8 does not exist in the suite.
@@ -81,16 +80,11 @@ fn tally(outcomes: &BTreeMap<String, Outcome>) -> BTreeMap<&str, usize> {
 #[ignore = "needs kosoku on Python >= 3.10: python3 -m pip install kosoku==0.1.0"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn autobahn_core_cases_through_wsbeat_match_the_direct_run() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = listener.local_addr().unwrap();
-    // The demo backend echoes every WebSocket path but its demo session's.
-    let site = wsbeat::demo::Site {
-        proxy_port: 0,
-        backend_port: backend.port(),
-        heartbeat: "--heartbeat--".into(),
-        heartbeat_interval: std::time::Duration::from_secs(4),
-    };
-    let echo = tokio::spawn(wsbeat::demo::backend(listener, std::sync::Arc::new(site)));
+    // The shared tokio-tungstenite echo backend, without its record of what it saw (case 9
+    // sends messages of up to 16 MiB: nothing is kept).
+    let mut echo = Backend::echo().await;
+    echo.seen.close();
+    let backend = echo.addr;
     let proxy = Proxy::start(backend, |c| {
         // No heartbeat or PING may reach kosoku during a case: Autobahn compares every
         // frame the client receives with the case's expectation, so an extra text message
@@ -186,5 +180,5 @@ async fn autobahn_core_cases_through_wsbeat_match_the_direct_run() {
         differences.join("\n")
     );
     proxy.stop().await;
-    echo.abort();
+    drop(echo);
 }

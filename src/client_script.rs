@@ -3,11 +3,9 @@
 //! proxy in front of it.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::Full;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Response, StatusCode};
-
-use crate::server::{text, Body};
 
 /// The browser client, embedded at build time.
 pub const SOURCE: &str = include_str!("../clients/js/wsbeat.js");
@@ -38,27 +36,28 @@ fn not_modified(headers: &HeaderMap) -> bool {
 }
 
 /// The answer to a request for the script: GET and HEAD get it (or 304 when the
-/// browser's copy is current); any other method gets 405.
-pub fn respond(method: &Method, headers: &HeaderMap) -> Response<Body> {
+/// browser's copy is current); any other method gets 405. A whole body (empty for HEAD and
+/// 304): the server turns it into its own body type.
+pub fn respond(method: &Method, headers: &HeaderMap) -> Response<Full<Bytes>> {
     let (status, body) = match *method {
         Method::GET | Method::HEAD if not_modified(headers) => (StatusCode::NOT_MODIFIED, None),
         Method::GET => (StatusCode::OK, Some(Bytes::from_static(SOURCE.as_bytes()))),
         Method::HEAD => (StatusCode::OK, None),
         _ => {
-            let mut r = text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "wsbeat: the client script answers GET and HEAD only",
+            let mut r = Response::new(Full::new(Bytes::from_static(
+                b"wsbeat: the client script answers GET and HEAD only\n",
+            )));
+            *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
             );
-            r.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             return r;
         }
     };
-    let body = match body {
-        Some(bytes) => Full::new(bytes).map_err(|never| match never {}).boxed(),
-        None => Empty::new().map_err(|never| match never {}).boxed(),
-    };
-    let mut r = Response::new(body);
+    let mut r = Response::new(Full::new(body.unwrap_or_default()));
     *r.status_mut() = status;
     let h = r.headers_mut();
     h.insert(header::ETAG, etag().clone());

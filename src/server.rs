@@ -188,7 +188,8 @@ impl Proxy {
         route: Arc<Route>,
     ) -> Response<Body> {
         if self.config.client_script.as_deref() == Some(req.uri().path()) {
-            return crate::client_script::respond(req.method(), req.headers());
+            return crate::client_script::respond(req.method(), req.headers())
+                .map(|body| body.map_err(|never| match never {}).boxed());
         }
         if !is_upgrade_request(req.headers()) {
             return self.forward_http(req, info, &route).await;

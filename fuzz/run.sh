@@ -2,7 +2,8 @@
 # Runs every cargo-fuzz target for a bounded time from the committed seed corpus
 # (fuzz/corpus/<target>/); CI calls it from .ci/run. A crash fails the script, and
 # libFuzzer leaves the input in fuzz/artifacts/<target>/ (add it to the corpus and to a
-# unit test once fixed).
+# unit test once fixed). Where fuzz/seeds/<target>.py exists, it regenerates that
+# target's seed corpus.
 #
 #   bash fuzz/run.sh            # each target for FUZZ_SECONDS (default 30)
 #   FUZZ_SECONDS=600 bash fuzz/run.sh handshake
@@ -25,7 +26,7 @@ cd "$(dirname "$0")"
 SECONDS_EACH="${FUZZ_SECONDS:-30}"
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
-    TARGETS=(config handshake)
+    TARGETS=(config handshake frame)
 fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

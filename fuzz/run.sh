@@ -43,7 +43,7 @@ for target in "${TARGETS[@]}"; do
     cargo fuzz run -s none "$target" "$scratch" "corpus/$target" -- \
         -max_total_time="$SECONDS_EACH" -max_len=70000 -timeout=10 -rss_limit_mb=2048 \
         -print_final_stats=1 >"$log" 2>&1 || status=$?
-    grep -E '^stat::(number_of_executed_units|peak_rss_mb)|^Done' "$log" || true
+    grep -E '^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)|^#[0-9]+[[:space:]]+DONE|^Done' "$log" || true
     if [ "$status" -ne 0 ]; then
         tail -n 60 "$log" >&2
         echo "fuzz: $target FAILED (exit $status); the input is in fuzz/artifacts/$target/" >&2

@@ -2,7 +2,8 @@
 # Runs every cargo-fuzz target for a bounded time from the committed seed corpus
 # (fuzz/corpus/<target>/); CI calls it from .ci/run. A crash fails the script, and
 # libFuzzer leaves the input in fuzz/artifacts/<target>/ (add it to the corpus and to a
-# unit test once fixed).
+# unit test once fixed). Where fuzz/seeds/<target>.py exists, it regenerates that
+# target's seed corpus.
 #
 #   bash fuzz/run.sh            # each target for FUZZ_SECONDS (default 30)
 #   FUZZ_SECONDS=600 bash fuzz/run.sh handshake
@@ -25,7 +26,7 @@ cd "$(dirname "$0")"
 SECONDS_EACH="${FUZZ_SECONDS:-30}"
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
-    TARGETS=(config handshake)
+    TARGETS=(config handshake frame)
 fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
@@ -42,7 +43,7 @@ for target in "${TARGETS[@]}"; do
     cargo fuzz run -s none "$target" "$scratch" "corpus/$target" -- \
         -max_total_time="$SECONDS_EACH" -max_len=70000 -timeout=10 -rss_limit_mb=2048 \
         -print_final_stats=1 >"$log" 2>&1 || status=$?
-    grep -E '^stat::(number_of_executed_units|peak_rss_mb)|^Done' "$log" || true
+    grep -E '^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)|^#[0-9]+[[:space:]]+DONE|^Done' "$log" || true
     if [ "$status" -ne 0 ]; then
         tail -n 60 "$log" >&2
         echo "fuzz: $target FAILED (exit $status); the input is in fuzz/artifacts/$target/" >&2

@@ -575,6 +575,9 @@ pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

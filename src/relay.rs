@@ -29,6 +29,9 @@ use crate::frame::{self, close, encode, Event as FrameEvent, Parser, Sender, Vio
 use crate::heartbeat::{Action, Heartbeat, Schedule};
 use crate::metrics::{ConnMetrics, ConnectionView};
 
+#[cfg(test)]
+mod endings;
+
 /// After wsbeat sends a close frame (or decides a peer is dead), how long it waits for
 /// the close handshake to finish before it drops the sockets.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(1);

@@ -52,13 +52,15 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// A certificate, key or CA file cannot be used: a configuration problem (the
+    /// binary exits 64).
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
 }
 
 /// Binds the configured listeners and serves until `shutdown` resolves, then drains.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    // Checked before binding, so that a certificate gone since `validate` is an error.
+    // `validate` reads no file: the certificate files are loaded here, before binding.
     tls::Setup::load(&config)?;
     let listener = bind(config.listen).await?;
     let admin = match config.admin.listen {

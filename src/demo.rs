@@ -250,7 +250,8 @@ pub async fn run(
          Ctrl-C stops the demo.",
         interval = config.heartbeat.interval,
     );
-    crate::serve(Arc::new(config), listener, None, shutdown).await;
+    let tls = crate::tls::Setup::load(&config)?;
+    crate::serve(Arc::new(config), tls, listener, None, shutdown).await;
     Ok(())
 }
 

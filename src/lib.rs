@@ -60,14 +60,15 @@ pub enum Error {
 
 /// Binds the configured listeners and serves until `shutdown` resolves, then drains.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    // `validate` reads no file: the certificate files are loaded here, before binding.
-    tls::Setup::load(&config)?;
+    // `validate` reads no file: the certificate files are loaded here, once, before
+    // binding; `serve` uses what was loaded (and checked), never a second read.
+    let tls = tls::Setup::load(&config)?;
     let listener = bind(config.listen).await?;
     let admin = match config.admin.listen {
         Some(addr) => Some(bind(addr).await?),
         None => None,
     };
-    serve(Arc::new(config), listener, admin, shutdown).await;
+    serve(Arc::new(config), tls, listener, admin, shutdown).await;
     Ok(())
 }
 
@@ -80,9 +81,11 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 
 /// Serves on an already bound listener until `shutdown` resolves; then stops accepting,
 /// closes every WebSocket with 1001 on both legs and waits for them at most
-/// `shutdown.drain_timeout`.
+/// `shutdown.drain_timeout`. `tls` is what `tls::Setup::load` made of `config`: nothing
+/// here can fail to start.
 pub async fn serve(
     config: Arc<Config>,
+    tls: tls::Setup,
     listener: TcpListener,
     admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
@@ -94,13 +97,6 @@ pub async fn serve(
     let tracker = TaskTracker::new();
     let drain_timeout = config.shutdown.drain_timeout.0;
     let metrics = metrics::Metrics::new(&config.routes(), config.metrics.per_connection);
-    let tls = match tls::Setup::load(&config) {
-        Ok(tls) => tls,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start");
-            return;
-        }
-    };
     let ready = Arc::new(AtomicBool::new(true));
     // The admin listener is not tracked: it serves until the process exits.
     let admin = admin.map(|listener| {

@@ -762,3 +762,181 @@ fn the_config_accepts_tls_settings_and_checks_them() {
         "{e}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Start-up: the certificate files are read once, and a bad read exits 64.
+
+/// Feeds a FIFO standing in for a certificate file: the n-th time somebody opens it for
+/// reading, they read `contents[n]`. So a test decides what each read of the file sees,
+/// without guessing when the reads happen.
+struct FifoFeeder {
+    path: PathBuf,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FifoFeeder {
+    fn start(path: PathBuf, contents: Vec<String>) -> FifoFeeder {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        use std::io::Write;
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        // A reader's close is the signal to serve the next one: opening for writing
+        // earlier would join the previous reader, which would read two contents.
+        let closes = Inotify::init(InitFlags::IN_CLOEXEC).unwrap();
+        closes
+            .add_watch(&path, AddWatchFlags::IN_CLOSE_NOWRITE)
+            .unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let (path, stop) = (path.clone(), stop.clone());
+            move || {
+                for text in contents {
+                    // Blocks until a reader opens the FIFO.
+                    let opened = std::fs::OpenOptions::new().write(true).open(&path);
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let mut fifo = opened.unwrap();
+                    // The reader may be gone (wsbeat exited): nothing to do then.
+                    let _ = fifo.write_all(text.as_bytes());
+                    drop(fifo);
+                    while closes.read_events().unwrap().is_empty() {}
+                }
+            }
+        });
+        FifoFeeder {
+            path,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for FifoFeeder {
+    fn drop(&mut self) {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.stop.store(true, Ordering::SeqCst);
+        // A reader that stays open until the feeder is done lets a feeder blocked in
+        // `open` go on and see `stop`.
+        let _reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .open(&self.path);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// How a `wsbeat` process started: it listens, or it exited with a code and its stderr.
+enum Started {
+    Listening(std::process::Child, SocketAddr),
+    Exited(Option<i32>, String),
+}
+
+fn start_wsbeat(config: &Path) -> Started {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    loop {
+        match lines.recv_timeout(PATIENCE) {
+            Ok(line) => {
+                if let Some(addr) = line
+                    .split("listening addr=")
+                    .nth(1)
+                    .and_then(|a| a.trim().parse().ok())
+                {
+                    return Started::Listening(child, addr);
+                }
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let code = child.wait().unwrap().code();
+                return Started::Exited(code, seen);
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                panic!("wsbeat neither listened nor exited; stderr: {seen}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_certificate_is_read_once_at_start_up_and_a_bad_read_exits_64() {
+    let ca = Ca::new("test CA");
+    let leaf = ca.leaf(&["localhost"], 1);
+    let garbage = "no PEM here\n".to_owned();
+    // Whichever read of the certificate file is bad, wsbeat either refuses to start
+    // (exit 64, one line naming the file and the reason) or serves the certificate it
+    // read and checked: it never exits 0 or 1 for a certificate, and it never checks
+    // one read and serves another.
+    for bad_read in 1..=4 {
+        let dir = TempDir::new();
+        let cert = dir.0.join("tls.crt");
+        let mut contents = vec![leaf.cert_pem.clone(); 4];
+        contents[bad_read - 1] = garbage.clone();
+        let feeder = FifoFeeder::start(cert.clone(), contents);
+        let key = dir.write("tls.key", &leaf.key_pem);
+        let config = dir.write(
+            "wsbeat.yaml",
+            &format!(
+                "listen: 127.0.0.1:0\nadmin: {{ listen: null }}\n\
+                 upstream: {{ url: \"ws://127.0.0.1:9\" }}\n\
+                 tls: {{ cert: {}, key: {} }}\n",
+                cert.display(),
+                key.display()
+            ),
+        );
+        match start_wsbeat(&config) {
+            Started::Exited(code, err) => {
+                assert_eq!(
+                    bad_read, 1,
+                    "only the first read happens at start-up, yet bad read {bad_read} \
+                     made wsbeat exit with {code:?}: {err}"
+                );
+                assert_eq!(code, Some(64), "{err}");
+                assert!(
+                    err.contains(&cert.display().to_string())
+                        && err.contains("no CERTIFICATE block found"),
+                    "{err}"
+                );
+                assert_eq!(err.trim().lines().count(), 1, "one clear message: {err}");
+            }
+            Started::Listening(mut child, addr) => {
+                let served = tokio::runtime::Runtime::new()
+                    .unwrap()
+                    .block_on(tls_connect(addr, &ca))
+                    .map(|tls| peer_cert(&tls));
+                let _ = child.kill();
+                let status = child.wait().unwrap();
+                assert_ne!(bad_read, 1, "wsbeat started with a bad certificate");
+                match served {
+                    Ok(der) => assert_eq!(der, leaf.der),
+                    Err(e) => {
+                        panic!("bad read {bad_read}: no TLS handshake ({e}); wsbeat: {status}")
+                    }
+                }
+            }
+        }
+        drop(feeder);
+    }
+}

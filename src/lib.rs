@@ -13,7 +13,8 @@
 //! - [`heartbeat`]: the heartbeat and liveness state machine (pure, no I/O).
 //! - [`metrics`]: the Prometheus families and the live-connection views.
 //! - [`admin`]: `/metrics`, `/livez`, `/readyz`, `/connections` on their own listener.
-//! - [`tls`]: rustls configs for both legs, certificate reloading, the leg stream type.
+//! - [`tls`]: rustls configs for both legs, their certificates reloaded in the background,
+//!   the leg stream type.
 //! - [`shutdown`]: signals and the drain with a deadline.
 //! - [`demo`]: the demo backend behind `wsbeat demo`: a live page, wsbeat.js and echo.
 #![forbid(unsafe_code)]
@@ -85,7 +86,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 /// here can fail to start.
 pub async fn serve(
     config: Arc<Config>,
-    tls: tls::Setup,
+    mut tls: tls::Setup,
     listener: TcpListener,
     admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
@@ -97,6 +98,7 @@ pub async fn serve(
     let tracker = TaskTracker::new();
     let drain_timeout = config.shutdown.drain_timeout.0;
     let metrics = metrics::Metrics::new(&config.routes(), config.metrics.per_connection);
+    let reload = tls.reload_in_background();
     let ready = Arc::new(AtomicBool::new(true));
     // The admin listener is not tracked: it serves until the process exits.
     let admin = admin.map(|listener| {
@@ -118,6 +120,8 @@ pub async fn serve(
         _ = shutdown => {}
     }
     ready.store(false, Ordering::Relaxed);
+    // No new handshakes from here on: the certificate files need no more looks.
+    drop(reload);
     // The listener is dropped here: no new connections.
     tracing::info!(connections = tracker.len(), "draining");
     if shutdown::drain(&token, &tracker, drain_timeout).await {

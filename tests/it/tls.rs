@@ -361,7 +361,8 @@ async fn a_rotated_certificate_is_served_to_new_handshakes_while_old_connections
     echo_roundtrip(&mut long_lived, Message::text("before")).await;
 
     publish("..v2", &new);
-    // New handshakes see serial 1001 until wsbeat notices, then 1002; nothing else.
+    // New handshakes see serial 1001 until the background reload notices (about once a
+    // second, whether or not anybody connects), then 1002; nothing else.
     let deadline = Instant::now() + PATIENCE;
     let mut handshakes = 0;
     loop {
@@ -388,6 +389,57 @@ async fn a_rotated_certificate_is_served_to_new_handshakes_while_old_connections
     echo_roundtrip(&mut fresh, Message::text("new cert")).await;
     // The connection made with the old certificate goes on.
     echo_roundtrip(&mut long_lived, Message::text("after")).await;
+}
+
+#[tokio::test]
+async fn a_half_written_certificate_keeps_the_one_in_use_and_logs_one_error_line() {
+    let ca = Ca::new("test CA");
+    let leaf = ca.leaf(&["localhost"], 2001);
+    let dir = TempDir::new();
+    let tls = dir.tls(&leaf);
+    // Published the way `mv` does, so each step is one change the reload can see.
+    let publish = |text: &str| {
+        let tmp = dir.write("tls.crt.tmp", text);
+        std::fs::rename(tmp, &tls.cert).unwrap();
+    };
+    let config = dir.write(
+        "wsbeat.yaml",
+        &format!(
+            "listen: 127.0.0.1:0\nadmin: {{ listen: null }}\n\
+             upstream: {{ url: \"ws://127.0.0.1:9\" }}\n\
+             tls: {{ cert: {}, key: {} }}\n",
+            tls.cert.display(),
+            tls.key.display()
+        ),
+    );
+    let mut wsbeat = JsonWsbeat::spawn(&["--config", config.to_str().unwrap()]);
+    let addr = wsbeat.addr("listening");
+
+    publish(&leaf.cert_pem[..leaf.cert_pem.len() / 2]);
+    let error = wsbeat.next("TLS certificate not reloaded: keeping the one in use");
+    assert_eq!(error["level"], "ERROR", "{error}");
+    let reason = error["error"].as_str().unwrap();
+    assert!(
+        reason.contains(&tls.cert.display().to_string()) && reason.contains("bad PEM"),
+        "{error}"
+    );
+    let served = tls_connect(addr, &ca).await.expect("TLS handshake");
+    assert_eq!(peer_cert(&served), leaf.der);
+
+    // The rest of the file arrives: reloaded, and no other error line in between.
+    publish(&leaf.cert_pem);
+    loop {
+        let line = wsbeat
+            .lines
+            .recv_timeout(PATIENCE)
+            .expect("a log line saying the certificate was reloaded");
+        if line["message"] == "TLS certificate reloaded" {
+            break;
+        }
+        assert_ne!(line["level"], "ERROR", "one error line per change: {line}");
+    }
+    let served = tls_connect(addr, &ca).await.expect("TLS handshake");
+    assert_eq!(peer_cert(&served), leaf.der);
 }
 
 #[ignore = "needs Python websockets: python3 -m pip install 'websockets>=12'"]
@@ -555,6 +607,38 @@ async fn plain_http_to_a_wss_upstream_goes_over_https() {
         metric(untrusted.admin, "wsbeat_upstream_errors_total", &labels).await,
         1.0
     );
+}
+
+#[tokio::test]
+async fn a_rotated_upstream_ca_is_used_for_new_upstream_connections() {
+    let old = Ca::new("old upstream CA");
+    let new = Ca::new("new upstream CA");
+    let addr = https_backend(&new.leaf(&["localhost"], 9)).await;
+    let dir = TempDir::new();
+    let url = format!("wss://localhost:{}", addr.port());
+    let proxy = proxy_to_wss(&dir, url, &old.pem, None).await;
+    let get = "GET /rotated HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n";
+    let answer = raw_http(proxy.addr, get).await;
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+
+    // The new CA replaces the old one in the file wsbeat was given (as `mv` does).
+    let ca_file = dir.0.join("upstream-ca.crt");
+    let tmp = dir.write("upstream-ca.crt.tmp", &new.pem);
+    std::fs::rename(tmp, &ca_file).unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let answer = raw_http(proxy.addr, get).await;
+        if answer.starts_with("HTTP/1.1 200") {
+            assert!(answer.ends_with("https GET /rotated"), "{answer}");
+            break;
+        }
+        assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+        assert!(
+            Instant::now() < deadline,
+            "the new upstream CA is still not in use: {answer}"
+        );
+        tokio::time::sleep(RETRY).await;
+    }
 }
 
 /// The handshake status through a plain wsbeat, and the upstream error counters.

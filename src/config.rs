@@ -707,7 +707,9 @@ impl Config {
         yaml
     }
 
-    /// Checks what serde cannot: ranges, relations between keys, route paths.
+    /// Checks what serde cannot: ranges, relations between keys, route paths. Pure: it
+    /// reads no file (the certificate files are loaded by `tls::Setup::load`, a step of
+    /// its own that `run` and `wsbeat check` take after this one).
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_upstream("upstream", &self.upstream)?;
         validate_heartbeat(
@@ -798,8 +800,6 @@ impl Config {
                 &self.routes[i].allowed_origins,
             )?;
         }
-        // Last: the files are read only for an otherwise valid config.
-        crate::tls::Setup::load(self).map_err(|e| invalid(e.key, e.reason))?;
         Ok(())
     }
 
@@ -895,6 +895,19 @@ fn validate_upstream(key: &str, u: &UpstreamConfig) -> Result<(), ConfigError> {
             "`ca` and `server_name` are for wss:// upstreams only",
         ));
     }
+    // The name the upstream's certificate must carry, and the SNI sent.
+    if u.url.secure {
+        let (name, field) = match &u.server_name {
+            Some(name) => (name.as_str(), "server_name"),
+            None => (u.url.host.as_str(), "url"),
+        };
+        if let Err(e) = rustls_pki_types::ServerName::try_from(name) {
+            return Err(invalid(
+                format!("{key}.{field}"),
+                format!("`{name}` is not a DNS name or IP address ({e})"),
+            ));
+        }
+    }
     if u.request_timeout.0.is_zero() {
         return Err(invalid(
             format!("{key}.request_timeout"),
@@ -958,6 +971,22 @@ mod tests {
 
     fn parse(yaml: &str) -> Result<Config, ConfigError> {
         Config::from_yaml(yaml, "test.yaml")
+    }
+
+    #[test]
+    fn validation_reads_no_file() {
+        // The certificate files are loaded by a step of their own (`tls::Setup::load`).
+        let c = parse(
+            "tls: { cert: /nonexistent/tls.crt, key: /nonexistent/tls.key }\n\
+             upstream: { url: \"wss://backend:8443\", ca: /nonexistent/ca.pem }\n",
+        )
+        .unwrap();
+        assert_eq!(c.upstream.ca, Some(PathBuf::from("/nonexistent/ca.pem")));
+        // What can be checked without a file still is: the name the certificate must carry.
+        let e = parse("upstream: { url: \"wss://backend:8443\", server_name: \"a b\" }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("upstream.server_name"), "{e}");
     }
 
     #[test]

@@ -250,7 +250,8 @@ pub async fn run(
          Ctrl-C stops the demo.",
         interval = config.heartbeat.interval,
     );
-    wsbeat::serve(Arc::new(config), listener, None, shutdown).await;
+    let tls = wsbeat::tls::Setup::load(&config)?;
+    wsbeat::serve(Arc::new(config), tls, listener, None, shutdown).await;
     Ok(())
 }
 

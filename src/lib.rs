@@ -13,7 +13,8 @@
 //! - [`heartbeat`]: the heartbeat and liveness state machine (pure, no I/O).
 //! - [`metrics`]: the Prometheus families and the live-connection views.
 //! - [`admin`]: `/metrics`, `/livez`, `/readyz`, `/connections` on their own listener.
-//! - [`tls`]: rustls configs for both legs, certificate reloading, the leg stream type.
+//! - [`tls`]: rustls configs for both legs, their certificates reloaded in the background,
+//!   the leg stream type.
 //! - [`shutdown`]: signals and the drain with a deadline.
 #![forbid(unsafe_code)]
 
@@ -50,20 +51,23 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// A certificate, key or CA file cannot be used: a configuration problem (the
+    /// binary exits 64).
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
 }
 
 /// Binds the configured listeners and serves until `shutdown` resolves, then drains.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    // Checked before binding, so that a certificate gone since `validate` is an error.
-    tls::Setup::load(&config)?;
+    // `validate` reads no file: the certificate files are loaded here, once, before
+    // binding; `serve` uses what was loaded (and checked), never a second read.
+    let tls = tls::Setup::load(&config)?;
     let listener = bind(config.listen).await?;
     let admin = match config.admin.listen {
         Some(addr) => Some(bind(addr).await?),
         None => None,
     };
-    serve(Arc::new(config), listener, admin, shutdown).await;
+    serve(Arc::new(config), tls, listener, admin, shutdown).await;
     Ok(())
 }
 
@@ -76,9 +80,11 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 
 /// Serves on an already bound listener until `shutdown` resolves; then stops accepting,
 /// closes every WebSocket with 1001 on both legs and waits for them at most
-/// `shutdown.drain_timeout`.
+/// `shutdown.drain_timeout`. `tls` is what `tls::Setup::load` made of `config`: nothing
+/// here can fail to start.
 pub async fn serve(
     config: Arc<Config>,
+    mut tls: tls::Setup,
     listener: TcpListener,
     admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
@@ -90,13 +96,7 @@ pub async fn serve(
     let tracker = TaskTracker::new();
     let drain_timeout = config.shutdown.drain_timeout.0;
     let metrics = metrics::Metrics::new(&config.routes(), config.metrics.per_connection);
-    let tls = match tls::Setup::load(&config) {
-        Ok(tls) => tls,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start");
-            return;
-        }
-    };
+    let reload = tls.reload_in_background();
     let ready = Arc::new(AtomicBool::new(true));
     // The admin listener is not tracked: it serves until the process exits.
     let admin = admin.map(|listener| {
@@ -118,6 +118,8 @@ pub async fn serve(
         _ = shutdown => {}
     }
     ready.store(false, Ordering::Relaxed);
+    // No new handshakes from here on: the certificate files need no more looks.
+    drop(reload);
     // The listener is dropped here: no new connections.
     tracing::info!(connections = tracker.len(), "draining");
     if shutdown::drain(&token, &tracker, drain_timeout).await {

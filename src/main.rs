@@ -112,6 +112,11 @@ async fn main() -> ExitCode {
         Some(Command::Check { routes }) => {
             return match load_config(&cli) {
                 Ok(config) => {
+                    // The same step `run` takes: every certificate file read and checked.
+                    if let Err(e) = wsbeat::tls::Setup::load(&config) {
+                        eprintln!("wsbeat: {e}");
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
                     print!("{}", config.to_yaml());
                     let resolved = config.routes();
                     for path in routes {
@@ -125,7 +130,7 @@ async fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => config_error(e),
-            }
+            };
         }
         None => match load_config(&cli) {
             Ok(config) => wsbeat::run(config, wsbeat::shutdown::signal()).await,
@@ -136,7 +141,11 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("wsbeat: {e}");
-            ExitCode::FAILURE
+            match e {
+                // An unusable certificate file is a configuration problem.
+                wsbeat::Error::Tls(_) => ExitCode::from(EXIT_CONFIG),
+                wsbeat::Error::Bind { .. } => ExitCode::FAILURE,
+            }
         }
     }
 }

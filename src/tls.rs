@@ -1,15 +1,19 @@
 //! TLS on both legs with rustls (`ring` provider): the public listener's server config
-//! with a certificate that reloads when its files change, the upstream client configs,
-//! and the one stream type the relay sees for plain and TLS connections alike.
+//! and the upstream client configs, made from PEM files and re-made in the background
+//! when those change (an `Arc` swap, never a file read on the handshake path); and the
+//! one stream type the relay sees for plain and TLS connections alike.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
 
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -25,9 +29,8 @@ use crate::config::{Config, TlsConfig, UpstreamConfig, DEFAULT_ROUTE};
 
 /// The only application protocol wsbeat speaks on either leg (WebSockets over HTTP/1.1).
 const ALPN_HTTP1: &[u8] = b"http/1.1";
-/// The certificate files are looked at (two `stat`s) at most this often, on a handshake:
-/// a rotated certificate is in use within this long after the first handshake that
-/// follows the change, and no task runs for it while nobody connects.
+/// How often the background reload looks at the certificate files (a `stat` each, a
+/// read only when one changed): a rotated certificate is in use within about this long.
 pub const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A certificate, key or CA file that cannot be used. The message names the file.
@@ -121,109 +124,111 @@ fn stamp(path: &Path) -> Option<FileStamp> {
     })
 }
 
-/// The public listener's certificate: served from memory, reloaded when the files
-/// change. A reload that fails keeps the certificate in use and logs a warning.
-pub struct ReloadingCert {
-    cert_path: PathBuf,
-    key_path: PathBuf,
-    provider: Arc<CryptoProvider>,
-    current: RwLock<Arc<CertifiedKey>>,
-    /// The files' stamps when last loaded (or tried) and when they were last looked at.
-    checked: Mutex<(Option<FileStamp>, Option<FileStamp>, Instant)>,
+/// Files the background reload looks at, and how to reload what was made of them.
+struct Watch {
+    /// What is reloaded, for the log: "TLS certificate", "upstream CA".
+    what: &'static str,
+    files: Vec<PathBuf>,
+    /// The files' stamps when last loaded or tried: a broken file is tried again when it
+    /// changes again (the key written after the certificate, the rest of a half-written
+    /// file), not at every look.
+    stamps: Vec<Option<FileStamp>>,
+    /// Loads the files and swaps the result in.
+    reload: Box<dyn Fn() -> Result<(), TlsFileError> + Send + Sync>,
 }
 
-impl fmt::Debug for ReloadingCert {
+impl Watch {
+    /// Loads `load()` now and returns it behind an atomic pointer, with the watch that
+    /// swaps in a new one when one of `files` changes. Readers of the pointer take the
+    /// current `Arc` without a lock and without touching the file system.
+    fn load<T: Send + Sync + 'static>(
+        what: &'static str,
+        files: Vec<PathBuf>,
+        load: impl Fn() -> Result<T, TlsFileError> + Send + Sync + 'static,
+    ) -> Result<(Arc<ArcSwap<T>>, Watch), TlsFileError> {
+        // Stamped before reading: a change during the read is seen at the next look.
+        let stamps = files.iter().map(|f| stamp(f)).collect();
+        let current = Arc::new(ArcSwap::from_pointee(load()?));
+        let cell = current.clone();
+        let reload = Box::new(move || {
+            cell.store(Arc::new(load()?));
+            Ok(())
+        });
+        let watch = Watch {
+            what,
+            files,
+            stamps,
+            reload,
+        };
+        Ok((current, watch))
+    }
+
+    /// Reloads when a file changed since the last look. A reload that fails keeps what
+    /// is in use and logs one error line naming the file and the reason.
+    fn check(&mut self) {
+        let stamps: Vec<_> = self.files.iter().map(|f| stamp(f)).collect();
+        if stamps == self.stamps {
+            return;
+        }
+        self.stamps = stamps;
+        match (self.reload)() {
+            Ok(()) => tracing::info!(files = ?self.files, "{} reloaded", self.what),
+            Err(e) => tracing::error!(
+                error = %e,
+                "{} not reloaded: keeping the one in use",
+                self.what
+            ),
+        }
+    }
+}
+
+/// The listener's certificate and key from `tls.cert` / `tls.key`, and its watch.
+fn certificate(tls: &TlsConfig) -> Result<(Arc<ArcSwap<CertifiedKey>>, Watch), TlsFileError> {
+    let provider = provider();
+    let (cert, key) = (tls.cert.clone(), tls.key.clone());
+    Watch::load(
+        "TLS certificate",
+        vec![cert.clone(), key.clone()],
+        move || certified_key(&cert, &read(&cert)?, &key, &read(&key)?, &provider),
+    )
+}
+
+/// The certificate new handshakes get: whatever the background reload last loaded.
+/// Nothing here looks at a file: a slow or hung volume never stalls a handshake.
+struct CurrentCert {
+    path: PathBuf,
+    current: Arc<ArcSwap<CertifiedKey>>,
+}
+
+impl fmt::Debug for CurrentCert {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ReloadingCert")
-            .field("cert", &self.cert_path)
-            .field("key", &self.key_path)
+        f.debug_struct("CurrentCert")
+            .field("cert", &self.path)
             .finish()
     }
 }
 
-impl ReloadingCert {
-    /// Loads the certificate and key; errors name the file and the reason.
-    pub fn load(tls: &TlsConfig) -> Result<ReloadingCert, TlsFileError> {
-        let provider = provider();
-        let stamps = (stamp(&tls.cert), stamp(&tls.key));
-        let key = certified_key(
-            &tls.cert,
-            &read(&tls.cert)?,
-            &tls.key,
-            &read(&tls.key)?,
-            &provider,
-        )?;
-        Ok(ReloadingCert {
-            cert_path: tls.cert.clone(),
-            key_path: tls.key.clone(),
-            provider,
-            current: RwLock::new(Arc::new(key)),
-            checked: Mutex::new((stamps.0, stamps.1, Instant::now())),
-        })
-    }
-
-    /// Reloads when the files changed since the last look, at most once per
-    /// `min_interval`. Concurrent handshakes do not wait for each other: one looks, the
-    /// others use the certificate in place.
-    fn refresh(&self, min_interval: Duration) {
-        let Ok(mut checked) = self.checked.try_lock() else {
-            return;
-        };
-        if checked.2.elapsed() < min_interval {
-            return;
-        }
-        checked.2 = Instant::now();
-        let stamps = (stamp(&self.cert_path), stamp(&self.key_path));
-        if stamps.0 == checked.0 && stamps.1 == checked.1 {
-            return;
-        }
-        // Remembered whatever the outcome: a broken pair is retried when a file changes
-        // again (e.g. the key written after the certificate), not on every handshake.
-        (checked.0, checked.1) = stamps;
-        let loaded = read(&self.cert_path).and_then(|cert| {
-            let key = read(&self.key_path)?;
-            certified_key(&self.cert_path, &cert, &self.key_path, &key, &self.provider)
-        });
-        match loaded {
-            Ok(key) => {
-                if let Ok(mut current) = self.current.write() {
-                    *current = Arc::new(key);
-                }
-                tracing::info!(cert = %self.cert_path.display(), "TLS certificate reloaded");
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "TLS certificate not reloaded: keeping the one in use");
-            }
-        }
-    }
-
-    /// The certificate new handshakes get.
-    pub fn current(&self) -> Arc<CertifiedKey> {
-        self.refresh(RELOAD_CHECK_INTERVAL);
-        match self.current.read() {
-            Ok(c) => c.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-}
-
-impl ResolvesServerCert for ReloadingCert {
+impl ResolvesServerCert for CurrentCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current())
+        Some(self.current.load_full())
     }
 }
 
 /// The public listener's TLS acceptor: TLS 1.2 and 1.3, ALPN `http/1.1`, the
-/// certificate from `tls.cert` / `tls.key`, reloaded when they change.
-pub fn acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, TlsFileError> {
-    let cert = Arc::new(ReloadingCert::load(tls)?);
+/// certificate from `tls.cert` / `tls.key`; with the watch that reloads it.
+fn acceptor(tls: &TlsConfig) -> Result<(TlsAcceptor, Watch), TlsFileError> {
+    let (current, watch) = certificate(tls)?;
+    let resolver = CurrentCert {
+        path: tls.cert.clone(),
+        current,
+    };
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| file_error(&tls.cert, e))?
         .with_no_client_auth()
-        .with_cert_resolver(cert);
+        .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok((TlsAcceptor::from(Arc::new(config)), watch))
 }
 
 /// The roots an upstream certificate must chain to: `upstream.ca` when set, else the
@@ -250,7 +255,7 @@ fn roots(ca: Option<&Path>) -> Result<RootCertStore, TlsFileError> {
 
 /// A client config for upstreams: TLS 1.2 and 1.3, ALPN `http/1.1`, certificates
 /// verified against `ca` (or the webpki roots). There is no way to turn verification off.
-pub fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsFileError> {
+fn client_config(ca: Option<&Path>) -> Result<ClientConfig, TlsFileError> {
     let roots = roots(ca)?;
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -258,7 +263,7 @@ pub fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsFileErro
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
-    Ok(Arc::new(config))
+    Ok(config)
 }
 
 /// The name an upstream's certificate must carry (and the SNI sent):
@@ -272,79 +277,117 @@ pub fn server_name(upstream: &UpstreamConfig) -> Result<ServerName<'static>, Str
         .map_err(|e| format!("`{name}` is not a DNS name or IP address ({e})"))
 }
 
+/// Opens TLS to an upstream with the client config in use at that moment: the one the
+/// background reload last made of `upstream.ca` (or the webpki roots, which never
+/// change). Cloning shares the config.
+#[derive(Clone)]
+pub struct Connector(Arc<ArcSwap<ClientConfig>>);
+
+impl Connector {
+    /// Starts the TLS handshake over `stream`, verifying the certificate for `name`.
+    pub fn connect<IO>(&self, name: ServerName<'static>, stream: IO) -> tokio_rustls::Connect<IO>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        TlsConnector::from(self.0.load_full()).connect(name, stream)
+    }
+}
+
 /// How to open TLS to one upstream: the connector and the name to verify.
 #[derive(Clone)]
 pub struct UpstreamTls {
-    pub connector: TlsConnector,
+    pub connector: Connector,
     pub server_name: ServerName<'static>,
 }
 
-/// The TLS connector and server name for a `wss://` (or `https://`) upstream. For the
-/// plain-HTTP client too: it needs the same verification.
-pub fn upstream_connector(upstream: &UpstreamConfig) -> Result<UpstreamTls, TlsError> {
-    upstream_connector_with(upstream, &mut HashMap::new(), "upstream")
-}
-
-/// As [`upstream_connector`], sharing client configs between upstreams with the same CA.
-fn upstream_connector_with(
+/// The TLS connector and server name for a `wss://` (or `https://`) upstream (for the
+/// plain-HTTP client too: it needs the same verification). Upstreams with the same CA
+/// share one connector (`connectors`, by CA file); a CA file gets a watch.
+fn upstream_connector(
     upstream: &UpstreamConfig,
-    configs: &mut HashMap<Option<PathBuf>, Arc<ClientConfig>>,
+    connectors: &mut HashMap<Option<PathBuf>, Connector>,
+    watches: &mut Vec<Watch>,
     key: &str,
 ) -> Result<UpstreamTls, TlsError> {
     let server_name = server_name(upstream).map_err(|reason| TlsError {
         key: format!("{key}.server_name"),
         reason,
     })?;
-    let config = match configs.get(&upstream.ca) {
+    let connector = match connectors.get(&upstream.ca) {
         Some(c) => c.clone(),
         None => {
-            let c = client_config(upstream.ca.as_deref()).map_err(|e| TlsError {
+            let ca_error = |e: TlsFileError| TlsError {
                 key: format!("{key}.ca"),
                 reason: e.to_string(),
-            })?;
-            configs.insert(upstream.ca.clone(), c.clone());
+            };
+            let c = match &upstream.ca {
+                // The webpki roots are built in: nothing to reload.
+                None => Connector(Arc::new(ArcSwap::from_pointee(
+                    client_config(None).map_err(ca_error)?,
+                ))),
+                Some(ca) => {
+                    let path = ca.clone();
+                    let (current, watch) =
+                        Watch::load("upstream CA", vec![ca.clone()], move || {
+                            client_config(Some(&path))
+                        })
+                        .map_err(ca_error)?;
+                    watches.push(watch);
+                    Connector(current)
+                }
+            };
+            connectors.insert(upstream.ca.clone(), c.clone());
             c
         }
     };
     Ok(UpstreamTls {
-        connector: TlsConnector::from(config),
+        connector,
         server_name,
     })
 }
 
-/// Everything TLS the proxy needs, loaded once at start-up (the listener's certificate
-/// then reloads by itself).
-#[derive(Default, Clone)]
+/// Everything TLS the proxy needs, loaded once at start-up by [`Setup::load`];
+/// [`Setup::reload_in_background`] keeps the certificates current.
+#[derive(Default)]
 pub struct Setup {
     /// Set when `tls:` is configured.
     pub acceptor: Option<TlsAcceptor>,
     /// The connector of each route with a `wss://` upstream, by route name.
     pub upstreams: HashMap<String, UpstreamTls>,
+    /// The files behind `acceptor` and the upstream CAs, for the background reload.
+    watches: Vec<Watch>,
 }
 
 impl Setup {
-    /// Loads the listener's certificate and every `wss://` upstream's roots.
+    /// Loads the listener's certificate and every `wss://` upstream's roots. An error
+    /// names the config key, the file and the reason.
     pub fn load(config: &Config) -> Result<Setup, TlsError> {
+        let mut watches = Vec::new();
         let acceptor = match &config.tls {
-            Some(tls) => Some(acceptor(tls).map_err(|source| {
-                let key = if source.path == tls.key {
-                    "tls.key"
-                } else {
-                    "tls.cert"
-                };
-                TlsError {
-                    key: key.to_owned(),
-                    reason: source.to_string(),
-                }
-            })?),
+            Some(tls) => {
+                let (acceptor, watch) = acceptor(tls).map_err(|source| {
+                    let key = if source.path == tls.key {
+                        "tls.key"
+                    } else {
+                        "tls.cert"
+                    };
+                    TlsError {
+                        key: key.to_owned(),
+                        reason: source.to_string(),
+                    }
+                })?;
+                watches.push(watch);
+                Some(acceptor)
+            }
             None => None,
         };
-        let mut configs = HashMap::new();
+        let mut connectors = HashMap::new();
         let mut upstreams = HashMap::new();
         let top = match config.upstream.url.secure {
-            true => Some(upstream_connector_with(
+            true => Some(upstream_connector(
                 &config.upstream,
-                &mut configs,
+                &mut connectors,
+                &mut watches,
                 "upstream",
             )?),
             false => None,
@@ -354,9 +397,10 @@ impl Setup {
         }
         for (i, route) in config.routes.iter().enumerate() {
             let tls = match &route.upstream {
-                Some(u) if u.url.secure => Some(upstream_connector_with(
+                Some(u) if u.url.secure => Some(upstream_connector(
                     u,
-                    &mut configs,
+                    &mut connectors,
+                    &mut watches,
                     &format!("routes[{i}].upstream"),
                 )?),
                 Some(_) => None,
@@ -369,8 +413,50 @@ impl Setup {
         Ok(Setup {
             acceptor,
             upstreams,
+            watches,
         })
     }
+
+    /// Starts looking at the certificate files (the listener's and every `upstream.ca`)
+    /// every [`RELOAD_CHECK_INTERVAL`], reloading the ones that changed, until the
+    /// returned guard is dropped. `None` when no file is configured.
+    ///
+    /// A thread of its own rather than a runtime task: a `stat` or a read that hangs (a
+    /// stuck secret volume) then blocks only this thread, never a worker that serves
+    /// connections, nor the process's exit (the runtime waits for its blocking pool).
+    pub fn reload_in_background(&mut self) -> Option<Reloader> {
+        if self.watches.is_empty() {
+            return None;
+        }
+        let mut watches = std::mem::take(&mut self.watches);
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("wsbeat-tls-reload".to_owned())
+            .spawn(move || {
+                // Wakes every interval, and at once when the guard is dropped.
+                while let Err(RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(RELOAD_CHECK_INTERVAL)
+                {
+                    for watch in &mut watches {
+                        watch.check();
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => Some(Reloader { _stop: stop }),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the certificate reload: the certificates stay as loaded");
+                None
+            }
+        }
+    }
+}
+
+/// The running background reload of the certificate files; it stops when this is
+/// dropped (a look in progress finishes first, in the background).
+pub struct Reloader {
+    /// Dropping the sender wakes the reload thread, which then ends.
+    _stop: std::sync::mpsc::Sender<()>,
 }
 
 /// One leg's transport: plain TCP or TLS over TCP. Both legs of every connection use
@@ -486,9 +572,10 @@ mod tests {
         }
     }
 
-    fn served(cert: &ReloadingCert) -> Vec<u8> {
-        cert.refresh(Duration::ZERO);
-        cert.current.read().unwrap().cert[0].to_vec()
+    /// What new handshakes get after the reload's next look.
+    fn served(current: &ArcSwap<CertifiedKey>, watch: &mut Watch) -> Vec<u8> {
+        watch.check();
+        current.load().cert[0].to_vec()
     }
 
     fn der(pem: &str) -> Vec<u8> {
@@ -506,17 +593,107 @@ mod tests {
             cert: files.put("tls.crt", &a_cert),
             key: files.put("tls.key", &a_key),
         };
-        let cert = ReloadingCert::load(&tls).unwrap();
-        assert_eq!(served(&cert), der(&a_cert));
+        let (cert, mut watch) = certificate(&tls).unwrap();
+        assert_eq!(served(&cert, &mut watch), der(&a_cert));
         // The certificate is written first: it does not match the key yet.
         files.put("tls.crt", &b_cert);
-        assert_eq!(served(&cert), der(&a_cert));
+        assert_eq!(served(&cert, &mut watch), der(&a_cert));
         files.put("tls.key", &b_key);
-        assert_eq!(served(&cert), der(&b_cert));
+        assert_eq!(served(&cert, &mut watch), der(&b_cert));
         files.put("tls.crt", "garbage");
-        assert_eq!(served(&cert), der(&b_cert));
+        assert_eq!(served(&cert, &mut watch), der(&b_cert));
         std::fs::remove_file(&tls.key).unwrap();
-        assert_eq!(served(&cert), der(&b_cert));
+        assert_eq!(served(&cert, &mut watch), der(&b_cert));
+    }
+
+    #[test]
+    fn a_broken_file_is_tried_once_per_change_not_at_every_look() {
+        let files = Files::new("tries");
+        let path = files.put("tls.crt", "good");
+        let tries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (current, mut watch) = Watch::load("test file", vec![path.clone()], {
+            let (path, tries) = (path.clone(), tries.clone());
+            move || {
+                tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let text = std::fs::read_to_string(&path).unwrap();
+                match text.as_str() {
+                    "half" => Err(file_error(&path, "half-written")),
+                    _ => Ok(text),
+                }
+            }
+        })
+        .unwrap();
+        let tries = || tries.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(tries(), 1);
+        // Nothing changed: no read.
+        watch.check();
+        assert_eq!(tries(), 1);
+        files.put("tls.crt", "half");
+        for _ in 0..3 {
+            watch.check();
+        }
+        assert_eq!(tries(), 2, "one try (and one error line) for one change");
+        assert_eq!(**current.load(), "good");
+        files.put("tls.crt", "whole");
+        watch.check();
+        assert_eq!(tries(), 3);
+        assert_eq!(**current.load(), "whole");
+    }
+
+    #[test]
+    fn an_upstream_ca_reloads_into_the_shared_connector() {
+        let files = Files::new("ca");
+        let (a_cert, _) = self_signed();
+        let (b_cert, _) = self_signed();
+        let ca = files.put("ca.crt", &a_cert);
+        let upstream = UpstreamConfig {
+            url: "wss://localhost:8443".parse().unwrap(),
+            ca: Some(ca),
+            ..UpstreamConfig::default()
+        };
+        let (mut connectors, mut watches) = (HashMap::new(), Vec::new());
+        let first =
+            upstream_connector(&upstream, &mut connectors, &mut watches, "upstream").unwrap();
+        let second =
+            upstream_connector(&upstream, &mut connectors, &mut watches, "routes[0]").unwrap();
+        assert_eq!(watches.len(), 1, "one watch per CA file");
+        let before = first.connector.0.load_full();
+        files.put("ca.crt", "garbage");
+        watches[0].check();
+        assert!(Arc::ptr_eq(&before, &first.connector.0.load_full()));
+        files.put("ca.crt", &b_cert);
+        watches[0].check();
+        let after = first.connector.0.load_full();
+        assert!(
+            !Arc::ptr_eq(&before, &after),
+            "a new CA, a new client config"
+        );
+        assert!(Arc::ptr_eq(&after, &second.connector.0.load_full()));
+    }
+
+    #[test]
+    fn the_reload_thread_ends_when_its_guard_is_dropped() {
+        let files = Files::new("stop");
+        let path = files.put("tls.crt", "x");
+        // The thread owns the watch, and so this sender: when it ends, it drops it.
+        let (alive, ended) = std::sync::mpsc::channel::<()>();
+        let (_, watch) = Watch::load("test file", vec![path], move || {
+            let _ = &alive;
+            Ok(())
+        })
+        .unwrap();
+        let mut setup = Setup {
+            watches: vec![watch],
+            ..Setup::default()
+        };
+        let reloader = setup.reload_in_background().expect("a file to watch");
+        assert!(setup.reload_in_background().is_none(), "started once");
+        drop(reloader);
+        assert_eq!(
+            ended.recv_timeout(Duration::from_secs(10)),
+            Err(RecvTimeoutError::Disconnected)
+        );
+        assert!(Setup::default().reload_in_background().is_none());
     }
 
     #[test]

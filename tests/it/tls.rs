@@ -361,7 +361,8 @@ async fn a_rotated_certificate_is_served_to_new_handshakes_while_old_connections
     echo_roundtrip(&mut long_lived, Message::text("before")).await;
 
     publish("..v2", &new);
-    // New handshakes see serial 1001 until wsbeat notices, then 1002; nothing else.
+    // New handshakes see serial 1001 until the background reload notices (about once a
+    // second, whether or not anybody connects), then 1002; nothing else.
     let deadline = Instant::now() + PATIENCE;
     let mut handshakes = 0;
     loop {
@@ -388,6 +389,57 @@ async fn a_rotated_certificate_is_served_to_new_handshakes_while_old_connections
     echo_roundtrip(&mut fresh, Message::text("new cert")).await;
     // The connection made with the old certificate goes on.
     echo_roundtrip(&mut long_lived, Message::text("after")).await;
+}
+
+#[tokio::test]
+async fn a_half_written_certificate_keeps_the_one_in_use_and_logs_one_error_line() {
+    let ca = Ca::new("test CA");
+    let leaf = ca.leaf(&["localhost"], 2001);
+    let dir = TempDir::new();
+    let tls = dir.tls(&leaf);
+    // Published the way `mv` does, so each step is one change the reload can see.
+    let publish = |text: &str| {
+        let tmp = dir.write("tls.crt.tmp", text);
+        std::fs::rename(tmp, &tls.cert).unwrap();
+    };
+    let config = dir.write(
+        "wsbeat.yaml",
+        &format!(
+            "listen: 127.0.0.1:0\nadmin: {{ listen: null }}\n\
+             upstream: {{ url: \"ws://127.0.0.1:9\" }}\n\
+             tls: {{ cert: {}, key: {} }}\n",
+            tls.cert.display(),
+            tls.key.display()
+        ),
+    );
+    let mut wsbeat = JsonWsbeat::spawn(&["--config", config.to_str().unwrap()]);
+    let addr = wsbeat.addr("listening");
+
+    publish(&leaf.cert_pem[..leaf.cert_pem.len() / 2]);
+    let error = wsbeat.next("TLS certificate not reloaded: keeping the one in use");
+    assert_eq!(error["level"], "ERROR", "{error}");
+    let reason = error["error"].as_str().unwrap();
+    assert!(
+        reason.contains(&tls.cert.display().to_string()) && reason.contains("bad PEM"),
+        "{error}"
+    );
+    let served = tls_connect(addr, &ca).await.expect("TLS handshake");
+    assert_eq!(peer_cert(&served), leaf.der);
+
+    // The rest of the file arrives: reloaded, and no other error line in between.
+    publish(&leaf.cert_pem);
+    loop {
+        let line = wsbeat
+            .lines
+            .recv_timeout(PATIENCE)
+            .expect("a log line saying the certificate was reloaded");
+        if line["message"] == "TLS certificate reloaded" {
+            break;
+        }
+        assert_ne!(line["level"], "ERROR", "one error line per change: {line}");
+    }
+    let served = tls_connect(addr, &ca).await.expect("TLS handshake");
+    assert_eq!(peer_cert(&served), leaf.der);
 }
 
 #[ignore = "needs Python websockets: python3 -m pip install 'websockets>=12'"]
@@ -555,6 +607,38 @@ async fn plain_http_to_a_wss_upstream_goes_over_https() {
         metric(untrusted.admin, "wsbeat_upstream_errors_total", &labels).await,
         1.0
     );
+}
+
+#[tokio::test]
+async fn a_rotated_upstream_ca_is_used_for_new_upstream_connections() {
+    let old = Ca::new("old upstream CA");
+    let new = Ca::new("new upstream CA");
+    let addr = https_backend(&new.leaf(&["localhost"], 9)).await;
+    let dir = TempDir::new();
+    let url = format!("wss://localhost:{}", addr.port());
+    let proxy = proxy_to_wss(&dir, url, &old.pem, None).await;
+    let get = "GET /rotated HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n";
+    let answer = raw_http(proxy.addr, get).await;
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+
+    // The new CA replaces the old one in the file wsbeat was given (as `mv` does).
+    let ca_file = dir.0.join("upstream-ca.crt");
+    let tmp = dir.write("upstream-ca.crt.tmp", &new.pem);
+    std::fs::rename(tmp, &ca_file).unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let answer = raw_http(proxy.addr, get).await;
+        if answer.starts_with("HTTP/1.1 200") {
+            assert!(answer.ends_with("https GET /rotated"), "{answer}");
+            break;
+        }
+        assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+        assert!(
+            Instant::now() < deadline,
+            "the new upstream CA is still not in use: {answer}"
+        );
+        tokio::time::sleep(RETRY).await;
+    }
 }
 
 /// The handshake status through a plain wsbeat, and the upstream error counters.
@@ -749,15 +833,194 @@ fn the_config_accepts_tls_settings_and_checks_them() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("upstream.server_name"), "{e}");
-    // A route's own wss:// upstream is checked under the route's key.
-    let e = Config::from_yaml(
+    // Validation reads no file: the certificate files are a step of their own, and a
+    // route's own wss:// upstream is checked under the route's key.
+    let c = Config::from_yaml(
         "routes:\n  - path: /chat\n    upstream: { url: \"wss://chat:8443\", ca: /nonexistent/ca.pem }\n",
         "t",
     )
-    .unwrap_err()
-    .to_string();
+    .unwrap();
+    let e = wsbeat::tls::Setup::load(&c).err().unwrap().to_string();
     assert!(
         e.contains("routes[0].upstream.ca") && e.contains("/nonexistent/ca.pem"),
         "{e}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Start-up: the certificate files are read once, and a bad read exits 64.
+
+/// Feeds a FIFO standing in for a certificate file: the n-th time somebody opens it for
+/// reading, they read `contents[n]`. So a test decides what each read of the file sees,
+/// without guessing when the reads happen.
+struct FifoFeeder {
+    path: PathBuf,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FifoFeeder {
+    fn start(path: PathBuf, contents: Vec<String>) -> FifoFeeder {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        use std::io::Write;
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        // A reader's close is the signal to serve the next one: opening for writing
+        // earlier would join the previous reader, which would read two contents.
+        let closes = Inotify::init(InitFlags::IN_CLOEXEC).unwrap();
+        closes
+            .add_watch(&path, AddWatchFlags::IN_CLOSE_NOWRITE)
+            .unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let (path, stop) = (path.clone(), stop.clone());
+            move || {
+                for text in contents {
+                    // Blocks until a reader opens the FIFO.
+                    let opened = std::fs::OpenOptions::new().write(true).open(&path);
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let mut fifo = opened.unwrap();
+                    // The reader may be gone (wsbeat exited): nothing to do then.
+                    let _ = fifo.write_all(text.as_bytes());
+                    drop(fifo);
+                    while closes.read_events().unwrap().is_empty() {}
+                }
+            }
+        });
+        FifoFeeder {
+            path,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for FifoFeeder {
+    fn drop(&mut self) {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.stop.store(true, Ordering::SeqCst);
+        // A reader that stays open until the feeder is done lets a feeder blocked in
+        // `open` go on and see `stop`.
+        let _reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .open(&self.path);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// How a `wsbeat` process started: it listens, or it exited with a code and its stderr.
+enum Started {
+    Listening(std::process::Child, SocketAddr),
+    Exited(Option<i32>, String),
+}
+
+fn start_wsbeat(config: &Path) -> Started {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    loop {
+        match lines.recv_timeout(PATIENCE) {
+            Ok(line) => {
+                if let Some(addr) = line
+                    .split("listening addr=")
+                    .nth(1)
+                    .and_then(|a| a.trim().parse().ok())
+                {
+                    return Started::Listening(child, addr);
+                }
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let code = child.wait().unwrap().code();
+                return Started::Exited(code, seen);
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                panic!("wsbeat neither listened nor exited; stderr: {seen}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_certificate_is_read_once_at_start_up_and_a_bad_read_exits_64() {
+    let ca = Ca::new("test CA");
+    let leaf = ca.leaf(&["localhost"], 1);
+    let garbage = "no PEM here\n".to_owned();
+    // Whichever read of the certificate file is bad, wsbeat either refuses to start
+    // (exit 64, one line naming the file and the reason) or serves the certificate it
+    // read and checked: it never exits 0 or 1 for a certificate, and it never checks
+    // one read and serves another.
+    for bad_read in 1..=4 {
+        let dir = TempDir::new();
+        let cert = dir.0.join("tls.crt");
+        let mut contents = vec![leaf.cert_pem.clone(); 4];
+        contents[bad_read - 1] = garbage.clone();
+        let feeder = FifoFeeder::start(cert.clone(), contents);
+        let key = dir.write("tls.key", &leaf.key_pem);
+        let config = dir.write(
+            "wsbeat.yaml",
+            &format!(
+                "listen: 127.0.0.1:0\nadmin: {{ listen: null }}\n\
+                 upstream: {{ url: \"ws://127.0.0.1:9\" }}\n\
+                 tls: {{ cert: {}, key: {} }}\n",
+                cert.display(),
+                key.display()
+            ),
+        );
+        match start_wsbeat(&config) {
+            Started::Exited(code, err) => {
+                assert_eq!(
+                    bad_read, 1,
+                    "only the first read happens at start-up, yet bad read {bad_read} \
+                     made wsbeat exit with {code:?}: {err}"
+                );
+                assert_eq!(code, Some(64), "{err}");
+                assert!(
+                    err.contains(&cert.display().to_string())
+                        && err.contains("no CERTIFICATE block found"),
+                    "{err}"
+                );
+                assert_eq!(err.trim().lines().count(), 1, "one clear message: {err}");
+            }
+            Started::Listening(mut child, addr) => {
+                let served = tokio::runtime::Runtime::new()
+                    .unwrap()
+                    .block_on(tls_connect(addr, &ca))
+                    .map(|tls| peer_cert(&tls));
+                let _ = child.kill();
+                let status = child.wait().unwrap();
+                assert_ne!(bad_read, 1, "wsbeat started with a bad certificate");
+                match served {
+                    Ok(der) => assert_eq!(der, leaf.der),
+                    Err(e) => {
+                        panic!("bad read {bad_read}: no TLS handshake ({e}); wsbeat: {status}")
+                    }
+                }
+            }
+        }
+        drop(feeder);
+    }
 }

@@ -45,12 +45,14 @@ impl Proxy {
         config.upstream.url = format!("ws://{upstream}").parse().unwrap();
         tune(&mut config);
         config.validate().expect("test config is valid");
+        let tls = wsbeat::tls::Setup::load(&config).expect("test TLS files are usable");
         let addr = listener.local_addr().unwrap();
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = admin_listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(wsbeat::serve(
             Arc::new(config),
+            tls,
             listener,
             Some(admin_listener),
             async {

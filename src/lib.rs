@@ -39,7 +39,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 pub use config::Config;
 
@@ -104,7 +104,8 @@ pub async fn serve(
             metrics: metrics.clone(),
             ready: ready.clone(),
         });
-        AbortOnDrop(tokio::spawn(admin::serve(listener, state)))
+        // Stopped when `serve` returns, or when its future is dropped.
+        AbortOnDropHandle::new(tokio::spawn(admin::serve(listener, state)))
     });
     let proxy = Arc::new(server::Proxy::new(
         config,
@@ -131,14 +132,4 @@ pub async fn serve(
         );
     }
     drop(admin);
-}
-
-/// Stops a spawned task when dropped (the admin server when `serve` returns, or when its
-/// future is dropped).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 
 use crate::config::{Route, Routes};
 use crate::server::{text, Body};
-use crate::tls::{Stream, UpstreamTls};
+use crate::tls::{LegStream, UpstreamTls};
 use crate::upstream::{add_forwarding, copy_end_to_end, ClientInfo};
 
 /// Idle upstream connections kept per upstream, ready for the next request.
@@ -46,9 +46,9 @@ pub struct UpstreamConnector {
 }
 
 impl tower_service::Service<Uri> for UpstreamConnector {
-    type Response = TokioIo<Stream>;
+    type Response = TokioIo<LegStream>;
     type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<TokioIo<Stream>>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<TokioIo<LegStream>>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
@@ -63,7 +63,7 @@ impl tower_service::Service<Uri> for UpstreamConnector {
                 .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
             let _ = tcp.set_nodelay(true);
             let stream = match &this.tls {
-                None => Stream::Plain(tcp),
+                None => LegStream::Plain(tcp),
                 Some(tls) => {
                     let handshake = tls.connector.connect(tls.server_name.clone(), tcp);
                     let tls_stream = tokio::time::timeout(this.connect_timeout, handshake)
@@ -83,7 +83,7 @@ impl tower_service::Service<Uri> for UpstreamConnector {
 #[error("TLS handshake with the upstream failed: {0}")]
 struct TlsFailed(std::io::Error);
 
-impl Connection for Stream {
+impl Connection for LegStream {
     fn connected(&self) -> Connected {
         Connected::new()
     }

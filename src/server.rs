@@ -26,7 +26,7 @@ use crate::handshake::{self, is_upgrade_request, MAX_REQUEST_HEAD};
 use crate::metrics::{ConnectionView, Metrics};
 use crate::passthrough::Passthrough;
 use crate::relay::{self, RelayContext};
-use crate::tls::{self, Stream};
+use crate::tls::{self, LegStream};
 use crate::upstream::{self, ClientInfo, Dialed};
 
 /// Response body type for everything the public listener answers.
@@ -98,7 +98,7 @@ impl Proxy {
     async fn serve_connection(self: Arc<Self>, stream: TcpStream, addr: SocketAddr) {
         let _ = stream.set_nodelay(true);
         let stream = match &self.tls.acceptor {
-            None => Stream::Plain(stream),
+            None => LegStream::Plain(stream),
             Some(acceptor) => match self.accept_tls(acceptor, stream, addr).await {
                 Some(tls) => tls,
                 None => return,
@@ -106,7 +106,7 @@ impl Proxy {
         };
         let info = ClientInfo {
             addr,
-            tls: matches!(stream, Stream::Tls(_)),
+            tls: matches!(stream, LegStream::Tls(_)),
         };
         let proxy = self.clone();
         let service = service_fn(move |req| proxy.clone().handle(req, info));
@@ -140,7 +140,7 @@ impl Proxy {
         acceptor: &tokio_rustls::TlsAcceptor,
         stream: TcpStream,
         addr: SocketAddr,
-    ) -> Option<Stream> {
+    ) -> Option<LegStream> {
         let handshake = async {
             if stream.peek(&mut [0u8; 1]).await? == 0 {
                 return Ok(None);

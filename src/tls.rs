@@ -462,45 +462,45 @@ pub struct Reloader {
 /// One leg's transport: plain TCP or TLS over TCP. Both legs of every connection use
 /// this one type, so the relay is compiled once. TLS state is boxed: a plain
 /// connection does not pay for its size.
-pub enum Stream {
+pub enum LegStream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
 }
 
-impl From<TcpStream> for Stream {
+impl From<TcpStream> for LegStream {
     fn from(s: TcpStream) -> Self {
-        Stream::Plain(s)
+        LegStream::Plain(s)
     }
 }
 
-impl From<tokio_rustls::TlsStream<TcpStream>> for Stream {
+impl From<tokio_rustls::TlsStream<TcpStream>> for LegStream {
     fn from(s: tokio_rustls::TlsStream<TcpStream>) -> Self {
-        Stream::Tls(Box::new(s))
+        LegStream::Tls(Box::new(s))
     }
 }
 
-impl AsyncRead for Stream {
+impl AsyncRead for LegStream {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            LegStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            LegStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
 
-impl AsyncWrite for Stream {
+impl AsyncWrite for LegStream {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            LegStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            LegStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -510,29 +510,29 @@ impl AsyncWrite for Stream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            LegStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            LegStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            Stream::Plain(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
+            LegStream::Plain(s) => s.is_write_vectored(),
+            LegStream::Tls(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            LegStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            LegStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            LegStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            LegStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -712,6 +712,6 @@ mod tests {
 
     #[test]
     fn a_plain_connection_does_not_pay_for_tls_state() {
-        assert!(std::mem::size_of::<Stream>() <= 2 * std::mem::size_of::<TcpStream>());
+        assert!(std::mem::size_of::<LegStream>() <= 2 * std::mem::size_of::<TcpStream>());
     }
 }

@@ -15,11 +15,11 @@ use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::config::UpstreamConfig;
-use crate::tls::{Stream, UpstreamTls};
+use crate::tls::{LegStream, UpstreamTls};
 
 /// The upstream leg once its handshake is done: the stream and any frames that arrived
 /// with the 101.
-pub type UpstreamSocket = crate::relay::Socket<Stream>;
+pub type UpstreamSocket = crate::relay::Socket<LegStream>;
 
 /// Why the upstream leg could not be opened; the variant decides the client's status.
 #[derive(Debug, thiserror::Error)]
@@ -56,8 +56,8 @@ pub enum DialError {
 
 /// Takes the stream back out of a finished hyper upgrade, with the bytes hyper had
 /// already read past the handshake.
-pub fn into_stream(upgraded: Upgraded) -> Option<crate::relay::Socket<Stream>> {
-    let parts = upgraded.downcast::<TokioIo<Stream>>().ok()?;
+pub fn into_stream(upgraded: Upgraded) -> Option<crate::relay::Socket<LegStream>> {
+    let parts = upgraded.downcast::<TokioIo<LegStream>>().ok()?;
     Some(crate::relay::Socket {
         io: parts.io.into_inner(),
         leftover: parts.read_buf,
@@ -272,7 +272,7 @@ async fn handshake(
                 source: std::io::Error::other("no TLS settings for this upstream"),
             })
         }
-        None => Stream::Plain(tcp),
+        None => LegStream::Plain(tcp),
         Some(tls) => tls
             .connector
             .connect(tls.server_name.clone(), tcp)

@@ -1,0 +1,288 @@
+//! The configuration document: the YAML file's serde structs with their defaults, and
+//! loading (read, parse, validate) and printing it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use super::{ByteSize, ConfigError, HumanDuration, RouteConfig, UpstreamUrl};
+
+/// The whole configuration file. Every key has a default, so a file holding only
+/// `upstream.url` works; unknown keys are errors.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address of the public listener: WebSockets and plain HTTP on one port.
+    pub listen: SocketAddr,
+    /// Terminate TLS on the public listener. Absent: plain TCP.
+    pub tls: Option<TlsConfig>,
+    /// The admin listener (`/metrics`, `/livez`, `/readyz`, `/connections`).
+    pub admin: AdminConfig,
+    /// The fallback upstream, used by every request no route matches (route `default`).
+    pub upstream: UpstreamConfig,
+    /// Path-prefix routes; the longest matching prefix wins, else `upstream`.
+    pub routes: Vec<RouteConfig>,
+    /// Origins (`https://app.example`) whose pages may open WebSockets; a handshake
+    /// from any other `Origin` gets 403 (cross-site WebSocket hijacking). A handshake
+    /// without `Origin` (not from a browser) passes. `null`: any origin.
+    pub allowed_origins: Option<Vec<String>>,
+    /// A path (`/_wsbeat.js`) at which wsbeat serves its own browser client, the
+    /// `clients/js/wsbeat.js` it was built with, instead of passing the request on.
+    /// Exactly that path, GET and HEAD; `null` (the default): never, so no application
+    /// route is shadowed.
+    pub client_script: Option<String>,
+    /// Heartbeats sent to clients and dropped from them (the ws4redis protocol).
+    pub heartbeat: HeartbeatConfig,
+    /// Protocol PINGs and the dead-peer verdict.
+    pub liveness: LivenessConfig,
+    /// Bounds on connections, messages and slow peers.
+    pub limits: LimitsConfig,
+    /// Graceful shutdown on SIGTERM / SIGINT.
+    pub shutdown: ShutdownConfig,
+    /// Prometheus export options.
+    pub metrics: MetricsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            tls: None,
+            admin: AdminConfig::default(),
+            upstream: UpstreamConfig::default(),
+            routes: Vec::new(),
+            allowed_origins: None,
+            client_script: None,
+            heartbeat: HeartbeatConfig::default(),
+            liveness: LivenessConfig::default(),
+            limits: LimitsConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            metrics: MetricsConfig::default(),
+        }
+    }
+}
+
+/// TLS termination on the public listener. The files are reloaded when they change
+/// (a Kubernetes secret rotation swaps a symlink): new handshakes get the new
+/// certificate, open connections keep theirs.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, the server's certificate first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin listener; `null` turns it off. A sidecar sets `0.0.0.0:9090`
+    /// so Prometheus can scrape the pod.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+        }
+    }
+}
+
+/// Where a route's connections go.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `ws://host:port` (or `wss://`). The request path and query are forwarded unchanged.
+    pub url: UpstreamUrl,
+    /// Time allowed to connect and complete the upstream handshake; past it the client
+    /// gets 504.
+    pub connect_timeout: HumanDuration,
+    /// Plain HTTP: time allowed from sending a request to the upstream's response head;
+    /// past it the client gets 504. The body after the head is not timed (downloads and
+    /// server-sent events stream as long as they last).
+    pub request_timeout: HumanDuration,
+    /// Plain HTTP: an idle pooled connection to the upstream is closed after this long.
+    /// Keep it below the backend's own keep-alive timeout (Node's `http` server: 5 s), so
+    /// wsbeat forgets a connection before the backend closes it under a request.
+    pub pool_idle_timeout: HumanDuration,
+    /// PEM CA bundle that signs a `wss://` upstream's certificate; absent: the webpki
+    /// (Mozilla) roots. There is no switch that turns verification off.
+    pub ca: Option<PathBuf>,
+    /// The name a `wss://` upstream's certificate must carry, also sent as SNI; absent:
+    /// the URL's host.
+    pub server_name: Option<String>,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: UpstreamUrl::from_str("ws://127.0.0.1:8000").expect("default upstream URL"),
+            connect_timeout: HumanDuration::secs(5),
+            request_timeout: HumanDuration::secs(60),
+            pool_idle_timeout: HumanDuration::secs(4),
+            ca: None,
+            server_name: None,
+        }
+    }
+}
+
+/// How heartbeats are scheduled.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HeartbeatMode {
+    /// A heartbeat at least every `interval`, whatever other traffic flows (what the
+    /// ws4redis client needs).
+    #[default]
+    Interval,
+    /// A heartbeat only after `interval` with no data message sent to the client.
+    Idle,
+}
+
+/// Heartbeats (the ws4redis protocol).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeartbeatConfig {
+    /// The text sent to clients as a text frame; `null` turns text heartbeats off.
+    pub message: Option<String>,
+    /// Heartbeat period.
+    pub interval: HumanDuration,
+    /// `interval` or `idle`.
+    pub mode: HeartbeatMode,
+    /// Drop client text messages exactly equal to `message` (they never reach the
+    /// upstream) and count them as proof of life.
+    pub drop_client: bool,
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        HeartbeatConfig {
+            message: Some("--heartbeat--".to_owned()),
+            interval: HumanDuration::secs(4),
+            mode: HeartbeatMode::Interval,
+            drop_client: true,
+        }
+    }
+}
+
+/// Liveness: PINGs to find dead and half-open peers.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LivenessConfig {
+    /// How often a protocol PING goes to the client (browsers answer by themselves).
+    pub ping_interval: HumanDuration,
+    /// Nothing from the client for this long: it is dead; both legs are closed with 1001.
+    pub timeout: HumanDuration,
+    /// Also PING the upstream this often; it is dead after `timeout` without a frame, and
+    /// the client is closed with 1011. `null`: never.
+    pub upstream_ping_interval: Option<HumanDuration>,
+}
+
+impl Default for LivenessConfig {
+    fn default() -> Self {
+        LivenessConfig {
+            ping_interval: HumanDuration::secs(10),
+            timeout: HumanDuration::secs(30),
+            upstream_ping_interval: None,
+        }
+    }
+}
+
+/// Bounds on what one peer can cost.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Proxied WebSockets at once; past it a handshake gets 503.
+    pub max_connections: usize,
+    /// Largest message (and frame) accepted on either leg; a larger one closes with 1009.
+    pub max_message_size: ByteSize,
+    /// A client that has not sent a whole request head after this long is dropped.
+    pub handshake_timeout: HumanDuration,
+    /// A peer that takes no bytes for this long while wsbeat has some for it is closed.
+    pub write_timeout: HumanDuration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 100_000,
+            max_message_size: ByteSize(16 << 20),
+            handshake_timeout: HumanDuration::secs(10),
+            write_timeout: HumanDuration::secs(30),
+        }
+    }
+}
+
+/// Graceful shutdown.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// After SIGTERM, the longest wait for WebSockets to finish their close handshakes.
+    pub drain_timeout: HumanDuration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_timeout: HumanDuration::secs(25),
+        }
+    }
+}
+
+/// Prometheus export options.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Export per-connection series (at most 1000, removed on close).
+    pub per_connection: bool,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_yaml(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates YAML text; `origin` names it in errors.
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            serde_saphyr::with_deserializer_from_str(text, |de| {
+                serde_path_to_error::deserialize::<_, Config>(de).map_err(|e| {
+                    let path = e.path().to_string();
+                    let inner = e.into_inner();
+                    <serde_saphyr::Error as serde::de::Error>::custom(if path == "." {
+                        inner.to_string()
+                    } else {
+                        format!("key `{path}`: {inner}")
+                    })
+                })
+            })
+            .map_err(|e| ConfigError::Parse {
+                path: origin.to_owned(),
+                message: e.to_string(),
+            })?
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The effective configuration as YAML (what `wsbeat check` prints).
+    pub fn to_yaml(&self) -> String {
+        let mut yaml =
+            serde_saphyr::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}"));
+        if !yaml.ends_with('\n') {
+            yaml.push('\n');
+        }
+        yaml
+    }
+}

@@ -272,6 +272,18 @@ async fn a_text_frame_found_invalid_after_it_began_to_pass_is_cut_not_closed_ins
         got.after.len(),
         frame.len()
     );
+    // The upstream leg ended without a close frame: 1006, not a 1001 never sent.
+    let code = |code| close_codes(proxy.admin, "upstream", code);
+    metric_at_least(
+        proxy.admin,
+        "wsbeat_close_codes_total",
+        &[("leg", "client"), ("code", "1007")],
+        1.0,
+        PATIENCE,
+    )
+    .await;
+    assert_eq!(code("1006").await, 1.0);
+    assert_eq!(code("1001").await, 0.0, "a 1001 never sent");
 }
 
 #[tokio::test]

@@ -162,7 +162,8 @@ struct Side {
     masks: bool,
     /// Written to the socket but not flushed.
     unflushed: bool,
-    /// Since when a write to this peer has been waiting for it to take bytes.
+    /// Since when a write to this peer has been waiting for it to take bytes: the
+    /// last time it took some, not the last time it took everything.
     blocked_since: Option<Instant>,
     /// False once nothing more will be read from this peer.
     readable: bool,
@@ -217,7 +218,10 @@ impl Side {
         self.blocked_since = None;
     }
 
-    /// Writes `out` and flushes. Ready(Ok) when everything is written.
+    /// Writes `out` and flushes. Ready(Ok) when everything is written. A peer that
+    /// takes some bytes but not all restarts the write timeout (`blocked_since` is
+    /// cleared): it measures time without progress, not time to drain the queue, so a
+    /// slow but steady reader is never cut.
     fn poll_drain<S: AsyncWrite + Unpin>(
         &mut self,
         io: &mut S,
@@ -226,6 +230,21 @@ impl Side {
         if !self.writable {
             return Poll::Ready(Ok(()));
         }
+        let mut progressed = false;
+        let polled = self.poll_write_out(io, cx, &mut progressed);
+        if polled.is_pending() && progressed {
+            self.blocked_since = None;
+        }
+        polled
+    }
+
+    /// The body of `poll_drain`; sets `progressed` when the peer took bytes.
+    fn poll_write_out<S: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut S,
+        cx: &mut Context<'_>,
+        progressed: &mut bool,
+    ) -> Poll<io::Result<()>> {
         while !self.out.is_empty() {
             let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.out))?;
             if n == 0 {
@@ -233,6 +252,7 @@ impl Side {
             }
             self.out.drain(..n);
             self.unflushed = true;
+            *progressed = true;
         }
         if self.out.capacity() > KEEP_CAPACITY {
             self.out = Vec::new();
@@ -1000,7 +1020,9 @@ mod tests {
         relay: JoinHandle<Summary>,
     }
 
-    fn start(buffer: usize, tune: impl FnOnce(&mut Config)) -> Harness {
+    /// `client_buffer`: how much the client's in-memory socket holds (the upstream's
+    /// holds more than one read of the relay).
+    fn start(client_buffer: usize, tune: impl FnOnce(&mut Config)) -> Harness {
         let mut config = Config::default();
         config.heartbeat.message = None;
         tune(&mut config);
@@ -1025,8 +1047,8 @@ mod tests {
             started,
             route,
         };
-        let (client, client_leg) = duplex(buffer);
-        let (upstream, upstream_leg) = duplex(buffer);
+        let (client, client_leg) = duplex(client_buffer);
+        let (upstream, upstream_leg) = duplex(2 * READ_CHUNK);
         let socket = |io| Socket {
             io,
             leftover: bytes::Bytes::new(),
@@ -1053,6 +1075,26 @@ mod tests {
         let mut got = Vec::new();
         peer.read_to_end(&mut got).await.unwrap();
         (got, Instant::now())
+    }
+
+    /// The code of the first close frame in what the relay sent `to` (masked frames to
+    /// the upstream), read with the relay's own parser.
+    fn close_code(to: LegKind, mut bytes: &[u8]) -> Option<u16> {
+        let sender = match to {
+            LegKind::Client => Sender::Server,
+            LegKind::Upstream => Sender::Client,
+        };
+        let mut parser = Parser::new(sender, u64::MAX, None);
+        while !bytes.is_empty() {
+            let (used, event) = parser.feed(bytes, |_, _| {});
+            bytes = &bytes[used..];
+            match event {
+                Some(FrameEvent::Close(close)) => return close.map(|(code, _)| code),
+                Some(FrameEvent::Violation(v)) => panic!("{v:?}"),
+                _ => {}
+            }
+        }
+        None
     }
 
     fn ms(n: u64) -> HumanDuration {
@@ -1094,7 +1136,10 @@ mod tests {
         // The upstream answers the close; the dead client never does.
         let mut close = vec![0; 2 + 4 + 2 + "client unresponsive".len()];
         h.upstream.read_exact(&mut close).await.unwrap();
-        assert_eq!(close[0], 0x80 | frame::OP_CLOSE);
+        assert_eq!(
+            close_code(LegKind::Upstream, &close),
+            Some(close::GOING_AWAY)
+        );
         let mut reply = Vec::new();
         encode(&mut reply, frame::OP_CLOSE, &1001u16.to_be_bytes(), None);
         h.upstream.write_all(&reply).await.unwrap();
@@ -1135,7 +1180,10 @@ mod tests {
         assert!(rest.len() < 500, "the invalid end never passes");
         assert_eq!(ended, sent, "cut at once");
         let (to_client, _) = read_to_eof(&mut h.client).await;
-        assert_eq!(&to_client[2..4], &close::INVALID_PAYLOAD.to_be_bytes());
+        assert_eq!(
+            close_code(LegKind::Client, &to_client),
+            Some(close::INVALID_PAYLOAD)
+        );
         let summary = h.relay.await.unwrap();
         assert_eq!(summary.outcome, Outcome::Error);
         assert_eq!(summary.upstream_close_code, None);
@@ -1157,12 +1205,71 @@ mod tests {
         h.upstream.write_all(&close).await.unwrap();
         let mut to_client = vec![0; 4];
         h.client.read_exact(&mut to_client).await.unwrap();
-        assert_eq!(&to_client[2..4], &4000u16.to_be_bytes());
+        assert_eq!(close_code(LegKind::Client, &to_client), Some(4000));
         drop(h.client);
         let (rest, _) = read_to_eof(&mut h.upstream).await;
         assert!(rest.is_empty(), "no echo inside the frame: {rest:?}");
         let summary = h.relay.await.unwrap();
         assert_eq!(summary.outcome, Outcome::UpstreamClose);
         assert_eq!(summary.upstream_close_code, Some(4000));
+    }
+
+    /// An upstream peer that sends 4 MiB in 16 KiB binary messages as fast as they are
+    /// read, then waits. (Not endless: on a paused clock, time only moves when every
+    /// task waits.)
+    fn flood(mut upstream: DuplexStream) -> JoinHandle<DuplexStream> {
+        tokio::spawn(async move {
+            let mut message = Vec::new();
+            encode(&mut message, frame::OP_BINARY, &[0x5a; 16 * 1024], None);
+            for _ in 0..256 {
+                if upstream.write_all(&message).await.is_err() {
+                    break;
+                }
+            }
+            upstream
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_that_keeps_taking_bytes_is_not_cut_at_write_timeout() {
+        // 512 bytes every 100 ms: the relay's queue for the client (up to a 32 KiB read)
+        // never empties, but the client never stops taking bytes.
+        let h = start(4096, |c| c.limits.write_timeout = ms(1000));
+        let _flood = flood(h.upstream);
+        let mut client = h.client;
+        let mut buf = [0u8; 512];
+        let mut taken = 0;
+        let mut ticker = tokio::time::interval(Duration::from_millis(100));
+        for _ in 0..30 {
+            ticker.tick().await;
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0, "cut after {taken} bytes");
+            taken += n;
+        }
+        assert!(!h.relay.is_finished(), "the relay ended");
+        assert!(taken >= 30 * 500, "only {taken} bytes in 3 s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_takes_nothing_is_cut_at_write_timeout() {
+        let h = start(4096, |c| c.limits.write_timeout = ms(1000));
+        let started = Instant::now();
+        // The flood ends once the client is given up and the relay reads (and drops) the
+        // rest; then the upstream's close is waiting.
+        let mut upstream = flood(h.upstream).await.unwrap();
+        let mut to_upstream = vec![0; 256];
+        let n = upstream.read(&mut to_upstream).await.unwrap();
+        to_upstream.truncate(n);
+        let took = started.elapsed();
+        assert_eq!(
+            close_code(LegKind::Upstream, &to_upstream),
+            Some(close::GOING_AWAY)
+        );
+        assert!(
+            took >= Duration::from_millis(1000) && took <= Duration::from_millis(1100),
+            "the upstream was closed after {took:?}"
+        );
+        assert_eq!(h.relay.await.unwrap().outcome, Outcome::Error);
+        drop(h.client);
     }
 }

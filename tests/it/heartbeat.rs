@@ -337,3 +337,36 @@ async fn a_client_dead_in_the_middle_of_a_frame_has_the_upstream_cut_at_the_verd
     assert_eq!(code("upstream", "1001").await, 0.0, "a 1001 never sent");
     assert_eq!(code("client", "1001").await, 1.0);
 }
+
+#[tokio::test]
+async fn a_client_heartbeat_sent_in_fragments_is_dropped_like_a_whole_one() {
+    let mut backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |c| c.heartbeat.message = Some(HB.into())).await;
+    let mut raw = raw_websocket(proxy.addr, "/").await;
+    // The heartbeat in two fragments; again with a PING between them; then a message
+    // that starts like the heartbeat but is longer, split in the middle; then a marker.
+    let mut wire = client_fragment(0x1, b"--heart");
+    wire.extend(client_frame(0x0, b"beat--"));
+    wire.extend(client_fragment(0x1, b"--heart"));
+    wire.extend(client_frame(0x9, b"between"));
+    wire.extend(client_frame(0x0, b"beat--"));
+    wire.extend(client_fragment(0x1, b"--heartb"));
+    wire.extend(client_frame(0x0, b"eat--x"));
+    wire.extend(client_frame(0x1, b"next"));
+    raw.write_all(&wire).await.unwrap();
+    for expected in [Message::text("--heartbeat--x"), Message::text("next")] {
+        match backend.next_after_handshake().await {
+            Seen::Message { msg, .. } => assert_eq!(msg, expected),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        metric(
+            proxy.admin,
+            "wsbeat_client_heartbeats_dropped_total",
+            &[("route", "default")]
+        )
+        .await,
+        2.0
+    );
+}

@@ -976,8 +976,10 @@ where
                 Action::ClientDead => {
                     self.ctx.metrics.liveness_timeouts[0].inc();
                     self.stop_reading_if_mid_frame(LegKind::Client);
-                    // The backend frees its resources first; the client gets a close it
-                    // will probably never read, and CLOSE_GRACE later the socket is gone.
+                    // The backend frees its resources first (its connection is cut instead
+                    // when the client died in the middle of a frame toward it); the client
+                    // gets a close it will probably never read, and CLOSE_GRACE later the
+                    // socket is gone.
                     self.send_close(LegKind::Upstream, close::GOING_AWAY, "client unresponsive");
                     self.send_close(LegKind::Client, close::GOING_AWAY, "no answer to pings");
                     self.begin_closing(Outcome::ClientDead, now);
@@ -1018,6 +1020,8 @@ mod tests {
         client: DuplexStream,
         upstream: DuplexStream,
         relay: JoinHandle<Summary>,
+        /// Cancelling it drains the relay, as SIGTERM does.
+        shutdown: CancellationToken,
     }
 
     /// `client_buffer`: how much the client's in-memory socket holds (the upstream's
@@ -1037,12 +1041,13 @@ mod tests {
             String::new(),
             started,
         ));
+        let shutdown = CancellationToken::new();
         let ctx = RelayContext {
             metrics: metrics.for_route(&route.name),
             view,
             max_message_size: config.limits.max_message_size.0,
             write_timeout: config.limits.write_timeout.0,
-            shutdown: CancellationToken::new(),
+            shutdown: shutdown.clone(),
             drain_grace: drain_grace(config.shutdown.drain_timeout.0),
             started,
             route,
@@ -1058,6 +1063,7 @@ mod tests {
             client,
             upstream,
             relay,
+            shutdown,
         }
     }
 
@@ -1188,6 +1194,74 @@ mod tests {
         assert_eq!(summary.outcome, Outcome::Error);
         assert_eq!(summary.upstream_close_code, None);
         assert_eq!(summary.client_close_code, Some(close::INVALID_PAYLOAD));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_dead_mid_frame_has_the_client_cut_at_the_verdict() {
+        let mut h = start(64 * 1024, |c| {
+            c.liveness.ping_interval = ms(100);
+            c.liveness.timeout = ms(500);
+            c.liveness.upstream_ping_interval = Some(ms(100));
+        });
+        let mut frame = Vec::new();
+        encode(&mut frame, frame::OP_BINARY, &[7; 1000], None);
+        h.upstream.write_all(&frame[..500]).await.unwrap();
+        // The client answers nothing but stays alive by its own frames.
+        let mut pong = Vec::new();
+        encode(&mut pong, frame::OP_PONG, b"", Some(MASK));
+        let mut got = vec![0; 500];
+        h.client.read_exact(&mut got).await.unwrap();
+        let silent = Instant::now();
+        let mut to_client = Vec::new();
+        let mut buf = [0u8; 1024];
+        let mut ticker = tokio::time::interval(Duration::from_millis(100));
+        let ended = loop {
+            tokio::select! {
+                _ = ticker.tick() => { let _ = h.client.write_all(&pong).await; }
+                n = h.client.read(&mut buf) => match n.unwrap_or(0) {
+                    0 => break Instant::now(),
+                    n => to_client.extend_from_slice(&buf[..n]),
+                },
+            }
+        };
+        let took = ended - silent;
+        assert!(
+            took >= Duration::from_millis(500) && took <= Duration::from_millis(600),
+            "the client's connection ended {took:?} after the upstream fell silent"
+        );
+        assert_eq!(
+            close_code(LegKind::Client, &to_client),
+            None,
+            "no close inside the frame"
+        );
+        let summary = h.relay.await.unwrap();
+        assert_eq!(summary.outcome, Outcome::UpstreamDead);
+        assert_eq!(summary.client_close_code, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_that_gives_up_on_a_client_mid_frame_cuts_the_upstream() {
+        // Draining, the upstream's 1001 waits for the client's close reply, at most
+        // drain_grace. A client that stopped mid-frame never replies, and the upstream's
+        // stream is inside its frame: the upstream is cut when the client is given up.
+        let mut h = start(64 * 1024, |_| {});
+        let frame = client_frame(frame::OP_BINARY, true, &[7; 1000]);
+        h.client.write_all(&frame[..500]).await.unwrap();
+        let mut got = vec![0; 500];
+        h.upstream.read_exact(&mut got).await.unwrap();
+        let draining = Instant::now();
+        h.shutdown.cancel();
+        let (rest, ended) = read_to_eof(&mut h.upstream).await;
+        assert!(rest.is_empty(), "nothing after the half frame: {rest:?}");
+        let took = ended - draining;
+        assert!(
+            took >= CLOSE_GRACE && took <= CLOSE_GRACE + Duration::from_millis(20),
+            "the upstream's connection ended {took:?} into the drain"
+        );
+        let summary = h.relay.await.unwrap();
+        assert_eq!(summary.outcome, Outcome::Shutdown);
+        assert_eq!(summary.upstream_close_code, None);
+        assert_eq!(summary.client_close_code, Some(close::GOING_AWAY));
     }
 
     #[tokio::test(start_paused = true)]

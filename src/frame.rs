@@ -9,6 +9,9 @@ use bytes::Bytes;
 pub const MAX_HEADER: usize = 14;
 /// Longest control-frame payload (RFC 6455 §5.5).
 pub const MAX_CONTROL_PAYLOAD: usize = 125;
+/// Frames of a fragmented message held while deciding whether it is the client's
+/// heartbeat: past this many (empty fragments), the message streams undecided.
+const MAX_HEARTBEAT_FRAGMENTS: usize = 16;
 
 pub const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
@@ -56,7 +59,8 @@ pub enum Event {
         fin: bool,
         text: bool,
     },
-    /// A single-frame text message equal to the heartbeat string: dropped, not forwarded.
+    /// A text message equal to the heartbeat string, in one frame or in fragments:
+    /// dropped, not forwarded. (Fragments held while deciding end without an event.)
     HeartbeatDropped,
     Ping(Bytes),
     Pong(Bytes),
@@ -74,6 +78,9 @@ enum State {
     Forward { remaining: u64, fin: bool },
     /// Holding a control frame or a possible heartbeat until it is complete.
     Hold { opcode: u8, len: usize },
+    /// Holding a fragment of a message that may be the heartbeat, as long as its bytes
+    /// match the heartbeat's (see [`Candidate`]).
+    HoldFragment { remaining: usize, fin: bool },
     /// After a violation: nothing more is read.
     Failed,
 }
@@ -106,6 +113,22 @@ pub struct Parser {
     cut_mid_frame: bool,
     held: [u8; MAX_CONTROL_PAYLOAD],
     held_len: usize,
+    /// A fragmented text message that may be the heartbeat, held until decided.
+    candidate: Option<Candidate>,
+}
+
+/// The frames of a fragmented text message whose payload so far is the start of the
+/// heartbeat: held as they came (headers, masked payloads), to be dropped if the message
+/// turns out to be the heartbeat, or forwarded verbatim before the rest if not. At most
+/// the heartbeat's length of payload is held.
+#[derive(Debug, Default)]
+struct Candidate {
+    /// The frames' bytes as received.
+    raw: Vec<u8>,
+    /// Where each frame's header starts in `raw`, and its length.
+    headers: Vec<(usize, usize)>,
+    /// Payload bytes held: all equal to the heartbeat's first bytes.
+    matched: usize,
 }
 
 impl Parser {
@@ -126,6 +149,7 @@ impl Parser {
             cut_mid_frame: false,
             held: [0; MAX_CONTROL_PAYLOAD],
             held_len: 0,
+            candidate: None,
         }
     }
 
@@ -196,6 +220,32 @@ impl Parser {
                         return (used, Some(self.end_data_frame(fin)));
                     }
                     self.state = State::Forward { remaining, fin };
+                }
+                State::HoldFragment { remaining, fin } => {
+                    let n = rest.len().min(remaining);
+                    let matched = self.take_candidate_bytes(&rest[..n]);
+                    used += matched;
+                    if matched < n {
+                        // Not the heartbeat: what was held goes first, then the rest of
+                        // this frame streams.
+                        if let Err(v) = self.release_candidate(&mut forward) {
+                            self.state = State::Failed;
+                            return (used, Some(Event::Violation(v)));
+                        }
+                        self.state = State::Forward {
+                            remaining: (remaining - matched) as u64,
+                            fin,
+                        };
+                        continue;
+                    }
+                    if matched < remaining {
+                        self.state = State::HoldFragment {
+                            remaining: remaining - matched,
+                            fin,
+                        };
+                    } else if let Some(event) = self.end_held_fragment(fin) {
+                        return (used, Some(event));
+                    }
                 }
                 State::Hold { opcode, len } => {
                     let n = rest.len().min(len - self.held_len);
@@ -330,6 +380,23 @@ impl Parser {
                 if opcode != OP_CONTINUATION {
                     self.message_text = opcode == OP_TEXT;
                 }
+                if self.holds_fragment(opcode, fin, so_far, len) {
+                    let candidate = self.candidate.get_or_insert_with(Candidate::default);
+                    let header = &self.header[..self.header_len];
+                    candidate.headers.push((candidate.raw.len(), header.len()));
+                    candidate.raw.extend_from_slice(header);
+                    self.header_len = 0;
+                    self.state = State::HoldFragment {
+                        remaining: len as usize,
+                        fin,
+                    };
+                    if len == 0 {
+                        return Ok(self.end_held_fragment(fin));
+                    }
+                    return Ok(None);
+                }
+                // Not (or no longer) possibly the heartbeat.
+                self.release_candidate(forward)?;
                 let candidate = opcode == OP_TEXT
                     && fin
                     && so_far == 0
@@ -361,6 +428,78 @@ impl Parser {
             }
             _ => violation(PROTOCOL_ERROR, "unknown opcode"),
         }
+    }
+
+    /// Whether this data frame is held as part of a fragmented message that may be the
+    /// heartbeat: its message is text, in fragments, and with this frame no longer
+    /// than the heartbeat (exactly as long once it ends), and its bytes so far match.
+    fn holds_fragment(&self, opcode: u8, fin: bool, so_far: u64, len: u64) -> bool {
+        let Some(heartbeat) = &self.heartbeat else {
+            return false;
+        };
+        let limit = heartbeat.len() as u64;
+        let total = so_far.saturating_add(len);
+        let fits = total <= limit && (!fin || total == limit);
+        match &self.candidate {
+            Some(c) => {
+                opcode == OP_CONTINUATION && fits && c.headers.len() < MAX_HEARTBEAT_FRAGMENTS
+            }
+            // A heartbeat in one frame is held as a whole (`State::Hold`).
+            None => opcode == OP_TEXT && !fin && fits,
+        }
+    }
+
+    /// Holds the longest start of `masked` (payload of the current frame) that goes on
+    /// matching the heartbeat; returns how many bytes it took.
+    fn take_candidate_bytes(&mut self, masked: &[u8]) -> usize {
+        let (Some(c), Some(heartbeat)) = (self.candidate.as_mut(), self.heartbeat.as_ref()) else {
+            return 0;
+        };
+        let mask = self.mask.unwrap_or([0; 4]);
+        let expected = heartbeat.get(c.matched..).unwrap_or_default();
+        let n = masked
+            .iter()
+            .zip(expected)
+            .enumerate()
+            .take_while(|&(i, (&b, &want))| b ^ mask[(self.payload_pos + i) & 3] == want)
+            .count();
+        c.raw.extend_from_slice(&masked[..n]);
+        c.matched += n;
+        self.payload_pos += n;
+        n
+    }
+
+    /// A held fragment is complete: the message is the heartbeat when it ends here
+    /// (its length was checked at its header), else the next frame decides.
+    fn end_held_fragment(&mut self, fin: bool) -> Option<Event> {
+        self.state = State::Header;
+        self.header_len = 0;
+        if fin {
+            self.candidate = None;
+            return Some(Event::HeartbeatDropped);
+        }
+        None
+    }
+
+    /// The held message is not the heartbeat: forwards its frames as they came (the
+    /// first bytes of the message, so they pass the UTF-8 check first).
+    fn release_candidate(
+        &mut self,
+        forward: &mut impl FnMut(&[u8], bool),
+    ) -> Result<(), Violation> {
+        let Some(c) = self.candidate.take() else {
+            return Ok(());
+        };
+        if let Some(heartbeat) = &self.heartbeat {
+            self.utf8
+                .feed(heartbeat.get(..c.matched).unwrap_or_default())?;
+        }
+        for (i, &(start, header_len)) in c.headers.iter().enumerate() {
+            let end = c.headers.get(i + 1).map_or(c.raw.len(), |&(next, _)| next);
+            forward(&c.raw[start..start + header_len], true);
+            forward(&c.raw[start + header_len..end], false);
+        }
+        Ok(())
     }
 
     /// Checks a piece of text payload as it passes (unmasking a copy when needed).
@@ -696,6 +835,118 @@ mod tests {
                     text: false
                 }
             ]
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_sent_in_fragments_is_dropped_with_control_frames_between() {
+        let mut two = client_frame(OP_TEXT, false, b"--heart");
+        two.extend(client_frame(OP_CONTINUATION, true, b"beat--"));
+        let mut with_ping = client_frame(OP_TEXT, false, b"--heart");
+        with_ping.extend(client_frame(OP_PING, true, b"p"));
+        with_ping.extend(client_frame(OP_CONTINUATION, true, b"beat--"));
+        let mut bytewise = Vec::new();
+        for (i, b) in b"--heartbeat--".iter().enumerate() {
+            let op = if i == 0 { OP_TEXT } else { OP_CONTINUATION };
+            bytewise.extend(client_frame(op, i == 12, &[*b]));
+        }
+        let mut empty_last = client_frame(OP_TEXT, false, b"--heartbeat--");
+        empty_last.extend(client_frame(OP_CONTINUATION, true, b""));
+        for input in [&two, &with_ping, &bytewise, &empty_last] {
+            for step in [1, 3, 100] {
+                let mut p = client_parser();
+                let (fwd, events) = run(&mut p, input, step);
+                assert!(fwd.is_empty(), "step {step}: forwarded {fwd:?}");
+                assert_eq!(events.last(), Some(&Event::HeartbeatDropped), "step {step}");
+                assert!(!p.mid_message());
+            }
+        }
+        let (_, events) = run(&mut client_parser(), &with_ping, 100);
+        assert_eq!(
+            events,
+            vec![
+                Event::Ping(Bytes::from_static(b"p")),
+                Event::HeartbeatDropped
+            ]
+        );
+    }
+
+    #[test]
+    fn a_fragmented_message_that_only_starts_like_the_heartbeat_passes_unchanged() {
+        let fragments: [&[&[u8]]; 6] = [
+            &[b"--heart", b"beat--x"],
+            &[b"--heart", b"beat--", b"x"],
+            &[b"--heart", b"beat-"],
+            &[b"--heart", b"beat-!"],
+            &[b"--hearX", b"beat--"],
+            &[b"--heartbeat--x", b""],
+        ];
+        for parts in fragments {
+            let mut input = Vec::new();
+            for (i, part) in parts.iter().enumerate() {
+                let op = if i == 0 { OP_TEXT } else { OP_CONTINUATION };
+                input.extend(client_frame(op, i == parts.len() - 1, part));
+                if i == 0 {
+                    input.extend(client_frame(OP_PONG, true, b"between"));
+                }
+            }
+            for step in [1, 2, 5, 100] {
+                let (fwd, events) = run(&mut client_parser(), &input, step);
+                let mut expected = input.clone();
+                let pong = client_frame(OP_PONG, true, b"between");
+                let at = client_frame(OP_TEXT, false, parts[0]).len();
+                expected.drain(at..at + pong.len());
+                assert_eq!(fwd, expected, "{parts:?} step {step}");
+                assert!(
+                    events.contains(&Event::Pong(Bytes::from_static(b"between"))),
+                    "{events:?}"
+                );
+                assert_eq!(
+                    events.last(),
+                    Some(&Event::DataFrameEnd {
+                        fin: true,
+                        text: true
+                    }),
+                    "{parts:?} step {step}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn deciding_about_a_fragmented_heartbeat_holds_a_bounded_number_of_frames() {
+        // Endless empty fragments cannot make the parser hold without bound: past a
+        // few frames the message streams (a heartbeat sent that way is forwarded).
+        let mut input = client_frame(OP_TEXT, false, b"--heart");
+        for _ in 0..100 {
+            input.extend(client_frame(OP_CONTINUATION, false, b""));
+        }
+        input.extend(client_frame(OP_CONTINUATION, true, b"beat--"));
+        let mut p = client_parser();
+        let (fwd, events) = run(&mut p, &input, 100);
+        assert_eq!(fwd, input);
+        assert_eq!(
+            events.last(),
+            Some(&Event::DataFrameEnd {
+                fin: true,
+                text: true
+            })
+        );
+        // Text split inside a character, diverging after it, is still checked as UTF-8
+        // across the held and the streamed part.
+        let mut p = Parser::new(Sender::Client, 1 << 20, Some(Bytes::from("--\u{2665}--")));
+        let heart = "\u{2665}".as_bytes();
+        let mut input = client_frame(OP_TEXT, false, &[b"--", &heart[..1]].concat());
+        input.extend(client_frame(
+            OP_CONTINUATION,
+            true,
+            &[&heart[1..], b"-!"].concat(),
+        ));
+        let (fwd, events) = run(&mut p, &input, 1);
+        assert_eq!(fwd, input);
+        assert!(
+            !events.iter().any(|e| matches!(e, Event::Violation(_))),
+            "{events:?}"
         );
     }
 

@@ -165,7 +165,8 @@ struct Side {
     masks: bool,
     /// Written to the socket but not flushed.
     unflushed: bool,
-    /// Since when a write to this peer has been waiting for it to take bytes.
+    /// Since when a write to this peer has been waiting for it to take bytes: the
+    /// last time it took some, not the last time it took everything.
     blocked_since: Option<Instant>,
     /// False once nothing more will be read from this peer.
     readable: bool,
@@ -205,8 +206,14 @@ impl Side {
                 || (self.out.is_empty() && self.deferred.is_empty() && !self.unflushed))
     }
 
-    /// Gives up on the peer: nothing more is read or written.
+    /// Gives up on the peer: nothing more is read or written. A close frame still
+    /// waiting in wsbeat's buffers never reached the peer: the leg ended without one, so
+    /// its code is forgotten (counted as 1006), unless the peer sent its own.
     fn abandon(&mut self) {
+        let close_unsent = self.close_sent && !(self.out.is_empty() && self.deferred.is_empty());
+        if close_unsent && !self.close_received {
+            self.close_code = None;
+        }
         self.readable = false;
         self.writable = false;
         self.out = Vec::new();
@@ -214,7 +221,10 @@ impl Side {
         self.blocked_since = None;
     }
 
-    /// Writes `out` and flushes. Ready(Ok) when everything is written.
+    /// Writes `out` and flushes. Ready(Ok) when everything is written. A peer that
+    /// takes some bytes but not all restarts the write timeout (`blocked_since` is
+    /// cleared): it measures time without progress, not time to drain the queue, so a
+    /// slow but steady reader is never cut.
     fn poll_drain<S: AsyncWrite + Unpin>(
         &mut self,
         io: &mut S,
@@ -223,6 +233,21 @@ impl Side {
         if !self.writable {
             return Poll::Ready(Ok(()));
         }
+        let mut progressed = false;
+        let polled = self.poll_write_out(io, cx, &mut progressed);
+        if polled.is_pending() && progressed {
+            self.blocked_since = None;
+        }
+        polled
+    }
+
+    /// The body of `poll_drain`; sets `progressed` when the peer took bytes.
+    fn poll_write_out<S: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut S,
+        cx: &mut Context<'_>,
+        progressed: &mut bool,
+    ) -> Poll<io::Result<()>> {
         while !self.out.is_empty() {
             let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.out))?;
             if n == 0 {
@@ -230,6 +255,7 @@ impl Side {
             }
             self.out.drain(..n);
             self.unflushed = true;
+            *progressed = true;
         }
         if self.out.capacity() > KEEP_CAPACITY {
             self.out = Vec::new();
@@ -308,8 +334,8 @@ where
     // Boxed: an async fn's argument is stored apart from its locals, so a large `self`
     // by value would take its room twice in every connection's task.
     let mut relay = Box::new(Relay {
-        client_io: client.io,
-        upstream_io: upstream.io,
+        client_io: Some(client.io),
+        upstream_io: Some(upstream.io),
         client: Side::new(
             Parser::new(Sender::Client, ctx.max_message_size, heartbeat),
             false,
@@ -340,8 +366,9 @@ where
 }
 
 struct Relay<C, U> {
-    client_io: C,
-    upstream_io: U,
+    /// The legs' sockets; `None` once a leg is cut (see [`Relay::cut`]).
+    client_io: Option<C>,
+    upstream_io: Option<U>,
     client: Side,
     upstream: Side,
     heartbeat: Heartbeat,
@@ -388,6 +415,7 @@ where
                     }
                     self.on_timer();
                     self.advance_drain();
+                    self.cut_unfinishable_frames();
                     armed = self.deadline();
                     timer.as_mut().reset(armed);
                     continue;
@@ -395,6 +423,7 @@ where
                 event = poll_fn(|cx| self.poll_event(cx)) => self.on_event(event),
             }
             self.advance_drain();
+            self.cut_unfinishable_frames();
             // Deadlines only move later as traffic flows (the timer then fires early and
             // re-arms); re-arm now only when something became due sooner.
             let want = self.deadline();
@@ -405,11 +434,11 @@ where
         }
         // Half-close what is still open, so the peers see FIN after the close frame.
         let grace = Duration::from_millis(100);
-        if self.client.writable {
-            let _ = tokio::time::timeout(grace, self.client_io.shutdown()).await;
+        if let Some(io) = self.client_io.as_mut().filter(|_| self.client.writable) {
+            let _ = tokio::time::timeout(grace, io.shutdown()).await;
         }
-        if self.upstream.writable {
-            let _ = tokio::time::timeout(grace, self.upstream_io.shutdown()).await;
+        if let Some(io) = self.upstream_io.as_mut().filter(|_| self.upstream.writable) {
+            let _ = tokio::time::timeout(grace, io.shutdown()).await;
         }
         Summary {
             outcome: self.closing.map_or(Outcome::Error, |c| c.outcome),
@@ -472,13 +501,16 @@ where
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         macro_rules! drive_writes {
             ($side:expr, $io:expr, $leg:expr) => {
-                match $side.poll_drain(&mut $io, cx) {
-                    Poll::Ready(Ok(())) => $side.blocked_since = None,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Event::WriteFailed($leg, e)),
-                    Poll::Pending => {
-                        if $side.blocked_since.is_none() {
-                            $side.blocked_since = Some(Instant::now());
-                            return Poll::Ready(Event::Blocked);
+                // A cut leg has no socket left to write.
+                if let Some(io) = $io.as_mut() {
+                    match $side.poll_drain(io, cx) {
+                        Poll::Ready(Ok(())) => $side.blocked_since = None,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Event::WriteFailed($leg, e)),
+                        Poll::Pending => {
+                            if $side.blocked_since.is_none() {
+                                $side.blocked_since = Some(Instant::now());
+                                return Poll::Ready(Event::Blocked);
+                            }
                         }
                     }
                 }
@@ -499,9 +531,10 @@ where
                 continue;
             }
             let mut buf = ReadBuf::uninit(&mut storage);
-            let polled = match leg {
-                LegKind::Client => Pin::new(&mut self.client_io).poll_read(cx, &mut buf),
-                LegKind::Upstream => Pin::new(&mut self.upstream_io).poll_read(cx, &mut buf),
+            let polled = match (leg, &mut self.client_io, &mut self.upstream_io) {
+                (LegKind::Client, Some(io), _) => Pin::new(io).poll_read(cx, &mut buf),
+                (LegKind::Upstream, _, Some(io)) => Pin::new(io).poll_read(cx, &mut buf),
+                _ => continue,
             };
             match polled {
                 Poll::Pending => continue,
@@ -687,9 +720,10 @@ where
     /// Queues a close frame for `to` and records its code.
     fn send_close(&mut self, to: LegKind, code: u16, reason: &str) {
         let side = self.side(to);
-        if side.close_code.is_none() && !side.close_sent {
-            side.close_code = Some(code);
+        if side.close_sent || !side.writable {
+            return;
         }
+        side.close_code.get_or_insert(code);
         self.send_own(to, frame::OP_CLOSE, &frame::close_payload(code, reason));
     }
 
@@ -815,6 +849,46 @@ where
         }
     }
 
+    /// A leg that will be read no more while in the middle of a frame toward the other
+    /// leg (its peer lost, dead, too slow, or cut by a violation) leaves the other leg's
+    /// stream inside that frame for good: nothing can follow there, not even a close
+    /// frame (it would be read as payload). Waiting for the grace period changes
+    /// nothing, so that leg is cut at once.
+    fn cut_unfinishable_frames(&mut self) {
+        for leg in [LegKind::Client, LegKind::Upstream] {
+            let target_open = match leg.other() {
+                LegKind::Client => self.client_io.is_some(),
+                LegKind::Upstream => self.upstream_io.is_some(),
+            };
+            let feeder = self.side(leg);
+            if target_open && !feeder.readable && feeder.passing && feeder.parser.mid_frame() {
+                self.cut(leg.other());
+            }
+        }
+    }
+
+    /// Ends `leg`'s connection now, without a close frame: its socket is dropped (the
+    /// peer sees its TCP end). A close waiting behind the cut frame is forgotten with
+    /// its code, so the leg counts as 1006 (unless its peer had sent its own close).
+    fn cut(&mut self, leg: LegKind) {
+        tracing::debug!(leg = leg.as_str(), "cut in the middle of a frame");
+        self.side(leg).abandon();
+        match leg {
+            LegKind::Client => self.client_io = None,
+            LegKind::Upstream => self.upstream_io = None,
+        }
+    }
+
+    /// A peer declared dead by liveness: if it stopped in the middle of a frame toward
+    /// the other leg, nothing more is read from it (it would have to finish that frame
+    /// before any close reply), and that leg is cut.
+    fn stop_reading_if_mid_frame(&mut self, dead: LegKind) {
+        let side = self.side(dead);
+        if side.passing && side.parser.mid_frame() {
+            side.readable = false;
+        }
+    }
+
     /// Drain, client first: 1001 to the client while its messages still flow to the
     /// upstream; once the client has answered (or is gone, or `drain_grace` passed), 1001
     /// to the upstream. Whatever either peer sent before its close reached the other
@@ -904,8 +978,11 @@ where
                 }
                 Action::ClientDead => {
                     self.ctx.metrics.liveness_timeouts[0].inc();
-                    // The backend frees its resources first; the client gets a close it
-                    // will probably never read, and CLOSE_GRACE later the socket is gone.
+                    self.stop_reading_if_mid_frame(LegKind::Client);
+                    // The backend frees its resources first (its connection is cut instead
+                    // when the client died in the middle of a frame toward it); the client
+                    // gets a close it will probably never read, and CLOSE_GRACE later the
+                    // socket is gone.
                     self.send_close(LegKind::Upstream, close::GOING_AWAY, "client unresponsive");
                     self.send_close(LegKind::Client, close::GOING_AWAY, "no answer to pings");
                     self.begin_closing(Outcome::ClientDead, now);
@@ -913,6 +990,7 @@ where
                 }
                 Action::UpstreamDead => {
                     self.ctx.metrics.liveness_timeouts[1].inc();
+                    self.stop_reading_if_mid_frame(LegKind::Upstream);
                     self.send_close(LegKind::Upstream, close::GOING_AWAY, "no answer to pings");
                     self.send_close(
                         LegKind::Client,
@@ -924,5 +1002,351 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The relay's endings over in-memory sockets (`tokio::io::duplex`) on a paused
+    //! clock: every instant is exact, so the tests say "at once" and mean it.
+
+    use super::*;
+    use crate::config::{Config, HumanDuration};
+    use crate::metrics::Metrics;
+    use tokio::io::{duplex, AsyncReadExt, DuplexStream};
+    use tokio::task::JoinHandle;
+
+    const MASK: [u8; 4] = [1, 2, 3, 4];
+
+    /// A relay between two in-memory peers: `client` and `upstream` are the peers' ends.
+    struct Harness {
+        client: DuplexStream,
+        upstream: DuplexStream,
+        relay: JoinHandle<Summary>,
+        /// Cancelling it drains the relay, as SIGTERM does.
+        shutdown: CancellationToken,
+    }
+
+    /// `client_buffer`: how much the client's in-memory socket holds (the upstream's
+    /// holds more than one read of the relay).
+    fn start(client_buffer: usize, tune: impl FnOnce(&mut Config)) -> Harness {
+        let mut config = Config::default();
+        config.heartbeat.message = None;
+        tune(&mut config);
+        let routes = config.routes();
+        let route = routes.resolve("/").clone();
+        let metrics = Metrics::new(&routes, false);
+        let started = Instant::now();
+        let view = Arc::new(ConnectionView::new(
+            1,
+            ([127, 0, 0, 1], 1).into(),
+            &route.name,
+            String::new(),
+            started,
+        ));
+        let shutdown = CancellationToken::new();
+        let ctx = RelayContext {
+            metrics: metrics.for_route(&route.name),
+            view,
+            max_message_size: config.limits.max_message_size.0,
+            write_timeout: config.limits.write_timeout.0,
+            shutdown: shutdown.clone(),
+            drain_grace: drain_grace(config.shutdown.drain_timeout.0),
+            started,
+            route,
+        };
+        let (client, client_leg) = duplex(client_buffer);
+        let (upstream, upstream_leg) = duplex(2 * READ_CHUNK);
+        let socket = |io| Socket {
+            io,
+            leftover: bytes::Bytes::new(),
+        };
+        let relay = tokio::spawn(run(socket(client_leg), socket(upstream_leg), ctx));
+        Harness {
+            client,
+            upstream,
+            relay,
+            shutdown,
+        }
+    }
+
+    fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        encode(&mut f, opcode, payload, Some(MASK));
+        if !fin {
+            f[0] &= 0x7F;
+        }
+        f
+    }
+
+    /// Reads until EOF; returns what came and when the EOF did.
+    async fn read_to_eof(peer: &mut DuplexStream) -> (Vec<u8>, Instant) {
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.unwrap();
+        (got, Instant::now())
+    }
+
+    /// The code of the first close frame in what the relay sent `to` (masked frames to
+    /// the upstream), read with the relay's own parser.
+    fn close_code(to: LegKind, mut bytes: &[u8]) -> Option<u16> {
+        let sender = match to {
+            LegKind::Client => Sender::Server,
+            LegKind::Upstream => Sender::Client,
+        };
+        let mut parser = Parser::new(sender, u64::MAX, None);
+        while !bytes.is_empty() {
+            let (used, event) = parser.feed(bytes, |_, _| {});
+            bytes = &bytes[used..];
+            match event {
+                Some(FrameEvent::Close(close)) => return close.map(|(code, _)| code),
+                Some(FrameEvent::Violation(v)) => panic!("{v:?}"),
+                _ => {}
+            }
+        }
+        None
+    }
+
+    fn ms(n: u64) -> HumanDuration {
+        HumanDuration::millis(n)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_dead_mid_frame_has_the_upstream_cut_at_the_verdict() {
+        let mut h = start(64 * 1024, |c| {
+            c.liveness.ping_interval = ms(100);
+            c.liveness.timeout = ms(500);
+        });
+        let frame = client_frame(frame::OP_BINARY, true, &[7; 1000]);
+        h.client.write_all(&frame[..500]).await.unwrap();
+        let silent = Instant::now();
+        let (got, ended) = read_to_eof(&mut h.upstream).await;
+        assert_eq!(got, frame[..500], "the half frame and nothing after it");
+        let took = ended - silent;
+        assert!(
+            took >= Duration::from_millis(500) && took <= Duration::from_millis(600),
+            "the upstream's connection ended {took:?} after the client fell silent"
+        );
+        let summary = h.relay.await.unwrap();
+        assert_eq!(summary.outcome, Outcome::ClientDead);
+        assert_eq!(summary.upstream_close_code, None, "no close frame was sent");
+        assert_eq!(summary.client_close_code, Some(close::GOING_AWAY));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_dead_between_frames_sends_the_upstream_1001() {
+        let mut h = start(64 * 1024, |c| {
+            c.liveness.ping_interval = ms(100);
+            c.liveness.timeout = ms(500);
+        });
+        let frame = client_frame(frame::OP_BINARY, true, &[7; 10]);
+        h.client.write_all(&frame).await.unwrap();
+        let mut got = vec![0; frame.len()];
+        h.upstream.read_exact(&mut got).await.unwrap();
+        // The upstream answers the close; the dead client never does.
+        let mut close = vec![0; 2 + 4 + 2 + "client unresponsive".len()];
+        h.upstream.read_exact(&mut close).await.unwrap();
+        assert_eq!(
+            close_code(LegKind::Upstream, &close),
+            Some(close::GOING_AWAY)
+        );
+        let mut reply = Vec::new();
+        encode(&mut reply, frame::OP_CLOSE, &1001u16.to_be_bytes(), None);
+        h.upstream.write_all(&reply).await.unwrap();
+        let summary = h.relay.await.unwrap();
+        assert_eq!(summary.outcome, Outcome::ClientDead);
+        assert_eq!(summary.upstream_close_code, Some(close::GOING_AWAY));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_lost_mid_frame_has_the_upstream_cut_at_once() {
+        let mut h = start(64 * 1024, |_| {});
+        let frame = client_frame(frame::OP_BINARY, true, &[7; 1000]);
+        h.client.write_all(&frame[..500]).await.unwrap();
+        let mut got = vec![0; 500];
+        h.upstream.read_exact(&mut got).await.unwrap();
+        let lost = Instant::now();
+        drop(h.client);
+        let (rest, ended) = read_to_eof(&mut h.upstream).await;
+        assert!(rest.is_empty(), "nothing after the half frame: {rest:?}");
+        assert_eq!(ended, lost, "cut at once");
+        let summary = h.relay.await.unwrap();
+        assert_eq!(summary.outcome, Outcome::ClientClose);
+        assert_eq!(summary.upstream_close_code, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_text_frame_cut_by_a_violation_has_the_upstream_cut_at_once() {
+        let mut h = start(64 * 1024, |_| {});
+        let mut text = vec![b'a'; 1000];
+        text[999] = 0xFF;
+        let frame = client_frame(frame::OP_TEXT, true, &text);
+        h.client.write_all(&frame[..500]).await.unwrap();
+        let mut got = vec![0; 500];
+        h.upstream.read_exact(&mut got).await.unwrap();
+        let sent = Instant::now();
+        h.client.write_all(&frame[500..]).await.unwrap();
+        let (rest, ended) = read_to_eof(&mut h.upstream).await;
+        assert!(rest.len() < 500, "the invalid end never passes");
+        assert_eq!(ended, sent, "cut at once");
+        let (to_client, _) = read_to_eof(&mut h.client).await;
+        assert_eq!(
+            close_code(LegKind::Client, &to_client),
+            Some(close::INVALID_PAYLOAD)
+        );
+        let summary = h.relay.await.unwrap();
+        assert_eq!(summary.outcome, Outcome::Error);
+        assert_eq!(summary.upstream_close_code, None);
+        assert_eq!(summary.client_close_code, Some(close::INVALID_PAYLOAD));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_dead_mid_frame_has_the_client_cut_at_the_verdict() {
+        let mut h = start(64 * 1024, |c| {
+            c.liveness.ping_interval = ms(100);
+            c.liveness.timeout = ms(500);
+            c.liveness.upstream_ping_interval = Some(ms(100));
+        });
+        let mut frame = Vec::new();
+        encode(&mut frame, frame::OP_BINARY, &[7; 1000], None);
+        h.upstream.write_all(&frame[..500]).await.unwrap();
+        // The client answers nothing but stays alive by its own frames.
+        let mut pong = Vec::new();
+        encode(&mut pong, frame::OP_PONG, b"", Some(MASK));
+        let mut got = vec![0; 500];
+        h.client.read_exact(&mut got).await.unwrap();
+        let silent = Instant::now();
+        let mut to_client = Vec::new();
+        let mut buf = [0u8; 1024];
+        let mut ticker = tokio::time::interval(Duration::from_millis(100));
+        let ended = loop {
+            tokio::select! {
+                _ = ticker.tick() => { let _ = h.client.write_all(&pong).await; }
+                n = h.client.read(&mut buf) => match n.unwrap_or(0) {
+                    0 => break Instant::now(),
+                    n => to_client.extend_from_slice(&buf[..n]),
+                },
+            }
+        };
+        let took = ended - silent;
+        assert!(
+            took >= Duration::from_millis(500) && took <= Duration::from_millis(600),
+            "the client's connection ended {took:?} after the upstream fell silent"
+        );
+        assert_eq!(
+            close_code(LegKind::Client, &to_client),
+            None,
+            "no close inside the frame"
+        );
+        let summary = h.relay.await.unwrap();
+        assert_eq!(summary.outcome, Outcome::UpstreamDead);
+        assert_eq!(summary.client_close_code, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_that_gives_up_on_a_client_mid_frame_cuts_the_upstream() {
+        // Draining, the upstream's 1001 waits for the client's close reply, at most
+        // drain_grace. A client that stopped mid-frame never replies, and the upstream's
+        // stream is inside its frame: the upstream is cut when the client is given up.
+        let mut h = start(64 * 1024, |_| {});
+        let frame = client_frame(frame::OP_BINARY, true, &[7; 1000]);
+        h.client.write_all(&frame[..500]).await.unwrap();
+        let mut got = vec![0; 500];
+        h.upstream.read_exact(&mut got).await.unwrap();
+        let draining = Instant::now();
+        h.shutdown.cancel();
+        let (rest, ended) = read_to_eof(&mut h.upstream).await;
+        assert!(rest.is_empty(), "nothing after the half frame: {rest:?}");
+        let took = ended - draining;
+        assert!(
+            took >= CLOSE_GRACE && took <= CLOSE_GRACE + Duration::from_millis(20),
+            "the upstream's connection ended {took:?} into the drain"
+        );
+        let summary = h.relay.await.unwrap();
+        assert_eq!(summary.outcome, Outcome::Shutdown);
+        assert_eq!(summary.upstream_close_code, None);
+        assert_eq!(summary.client_close_code, Some(close::GOING_AWAY));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_close_echo_behind_a_lost_client_frame_keeps_the_upstream_code() {
+        // The upstream closes while the client is mid-frame: the echo waits behind that
+        // frame. The client is then lost: the upstream is cut, and its leg counts the
+        // code it sent, not 1006.
+        let mut h = start(64 * 1024, |_| {});
+        let frame = client_frame(frame::OP_BINARY, true, &[7; 1000]);
+        h.client.write_all(&frame[..500]).await.unwrap();
+        let mut got = vec![0; 500];
+        h.upstream.read_exact(&mut got).await.unwrap();
+        let mut close = Vec::new();
+        encode(&mut close, frame::OP_CLOSE, &4000u16.to_be_bytes(), None);
+        h.upstream.write_all(&close).await.unwrap();
+        let mut to_client = vec![0; 4];
+        h.client.read_exact(&mut to_client).await.unwrap();
+        assert_eq!(close_code(LegKind::Client, &to_client), Some(4000));
+        drop(h.client);
+        let (rest, _) = read_to_eof(&mut h.upstream).await;
+        assert!(rest.is_empty(), "no echo inside the frame: {rest:?}");
+        let summary = h.relay.await.unwrap();
+        assert_eq!(summary.outcome, Outcome::UpstreamClose);
+        assert_eq!(summary.upstream_close_code, Some(4000));
+    }
+
+    /// An upstream peer that sends 4 MiB in 16 KiB binary messages as fast as they are
+    /// read, then waits. (Not endless: on a paused clock, time only moves when every
+    /// task waits.)
+    fn flood(mut upstream: DuplexStream) -> JoinHandle<DuplexStream> {
+        tokio::spawn(async move {
+            let mut message = Vec::new();
+            encode(&mut message, frame::OP_BINARY, &[0x5a; 16 * 1024], None);
+            for _ in 0..256 {
+                if upstream.write_all(&message).await.is_err() {
+                    break;
+                }
+            }
+            upstream
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_that_keeps_taking_bytes_is_not_cut_at_write_timeout() {
+        // 512 bytes every 100 ms: the relay's queue for the client (up to a 32 KiB read)
+        // never empties, but the client never stops taking bytes.
+        let h = start(4096, |c| c.limits.write_timeout = ms(1000));
+        let _flood = flood(h.upstream);
+        let mut client = h.client;
+        let mut buf = [0u8; 512];
+        let mut taken = 0;
+        let mut ticker = tokio::time::interval(Duration::from_millis(100));
+        for _ in 0..30 {
+            ticker.tick().await;
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0, "cut after {taken} bytes");
+            taken += n;
+        }
+        assert!(!h.relay.is_finished(), "the relay ended");
+        assert!(taken >= 30 * 500, "only {taken} bytes in 3 s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_takes_nothing_is_cut_at_write_timeout() {
+        let h = start(4096, |c| c.limits.write_timeout = ms(1000));
+        let started = Instant::now();
+        // The flood ends once the client is given up and the relay reads (and drops) the
+        // rest; then the upstream's close is waiting.
+        let mut upstream = flood(h.upstream).await.unwrap();
+        let mut to_upstream = vec![0; 256];
+        let n = upstream.read(&mut to_upstream).await.unwrap();
+        to_upstream.truncate(n);
+        let took = started.elapsed();
+        assert_eq!(
+            close_code(LegKind::Upstream, &to_upstream),
+            Some(close::GOING_AWAY)
+        );
+        assert!(
+            took >= Duration::from_millis(1000) && took <= Duration::from_millis(1100),
+            "the upstream was closed after {took:?}"
+        );
+        assert_eq!(h.relay.await.unwrap().outcome, Outcome::Error);
+        drop(h.client);
     }
 }

@@ -278,3 +278,95 @@ async fn a_client_that_answers_pings_outlives_the_timeout() {
     );
     backend.expect_message(Message::text("still here")).await;
 }
+
+#[tokio::test]
+async fn a_client_dead_in_the_middle_of_a_frame_has_the_upstream_cut_at_the_verdict() {
+    // A phone that loses its network in the middle of an upload: half of a large frame
+    // has reached the upstream when the client falls silent. No close frame can follow
+    // half a frame, so at the verdict the upstream's TCP is ended at once (not a
+    // CLOSE_GRACE later), and the upstream leg counts as 1006, not as a 1001 never sent.
+    let (addr, mut received) = raw_upstream(RawAnswer::Accept).await;
+    let proxy = Proxy::start(addr, |c| {
+        c.heartbeat.message = None;
+        c.liveness.ping_interval = ms(100);
+        c.liveness.timeout = ms(500);
+    })
+    .await;
+    let mut raw = raw_websocket(proxy.addr, "/").await;
+    let frame = client_frame(0x2, &[0x5a; 64 * 1024]);
+    let half = &frame[..frame.len() / 2];
+    raw.write_all(half).await.unwrap();
+    let silent_since = Instant::now();
+    let got = tokio::time::timeout(PATIENCE, received.recv())
+        .await
+        .expect("the upstream's connection ends in time")
+        .unwrap();
+    let took = silent_since.elapsed();
+    // The upstream got the half frame as the client sent it, and nothing after it.
+    assert!(
+        got.after == half,
+        "the upstream got {} bytes, not the {}-byte half frame",
+        got.after.len(),
+        half.len()
+    );
+    assert!(
+        took >= Duration::from_millis(400),
+        "cut after {took:?}, before liveness.timeout"
+    );
+    // timeout + 100 ms, plus a margin for a loaded machine; waiting for CLOSE_GRACE
+    // would take 1500 ms.
+    assert!(
+        took <= Duration::from_millis(500 + 100 + 500),
+        "the upstream's connection ended {took:?} after the client fell silent"
+    );
+    // The client gets its 1001, then its socket is closed.
+    assert_eq!(
+        close_code_in(&read_until_closed(&mut raw).await),
+        Some(1001)
+    );
+    metric_at_least(
+        proxy.admin,
+        "wsbeat_connections_total",
+        &[("route", "default"), ("outcome", "client_dead")],
+        1.0,
+        PATIENCE,
+    )
+    .await;
+    let code = |leg, code| close_codes(proxy.admin, leg, code);
+    assert_eq!(code("upstream", "1006").await, 1.0);
+    assert_eq!(code("upstream", "1001").await, 0.0, "a 1001 never sent");
+    assert_eq!(code("client", "1001").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_client_heartbeat_sent_in_fragments_is_dropped_like_a_whole_one() {
+    let mut backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |c| c.heartbeat.message = Some(HB.into())).await;
+    let mut raw = raw_websocket(proxy.addr, "/").await;
+    // The heartbeat in two fragments; again with a PING between them; then a message
+    // that starts like the heartbeat but is longer, split in the middle; then a marker.
+    let mut wire = client_fragment(0x1, b"--heart");
+    wire.extend(client_frame(0x0, b"beat--"));
+    wire.extend(client_fragment(0x1, b"--heart"));
+    wire.extend(client_frame(0x9, b"between"));
+    wire.extend(client_frame(0x0, b"beat--"));
+    wire.extend(client_fragment(0x1, b"--heartb"));
+    wire.extend(client_frame(0x0, b"eat--x"));
+    wire.extend(client_frame(0x1, b"next"));
+    raw.write_all(&wire).await.unwrap();
+    for expected in [Message::text("--heartbeat--x"), Message::text("next")] {
+        match backend.next_after_handshake().await {
+            Seen::Message { msg, .. } => assert_eq!(msg, expected),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        metric(
+            proxy.admin,
+            "wsbeat_client_heartbeats_dropped_total",
+            &[("route", "default")]
+        )
+        .await,
+        2.0
+    );
+}

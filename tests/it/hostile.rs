@@ -272,6 +272,18 @@ async fn a_text_frame_found_invalid_after_it_began_to_pass_is_cut_not_closed_ins
         got.after.len(),
         frame.len()
     );
+    // The upstream leg ended without a close frame: 1006, not a 1001 never sent.
+    let code = |code| close_codes(proxy.admin, "upstream", code);
+    metric_at_least(
+        proxy.admin,
+        "wsbeat_close_codes_total",
+        &[("leg", "client"), ("code", "1007")],
+        1.0,
+        PATIENCE,
+    )
+    .await;
+    assert_eq!(code("1006").await, 1.0);
+    assert_eq!(code("1001").await, 0.0, "a 1001 never sent");
 }
 
 #[tokio::test]
@@ -650,4 +662,73 @@ async fn a_ping_flood_behind_a_slowly_read_frame_does_not_grow_memory() {
         peak < before + 2560,
         "RSS grew from {before} KiB to {peak} KiB while PONGs waited behind a frame"
     );
+}
+
+#[tokio::test]
+async fn a_slow_reader_that_keeps_reading_is_not_cut_at_write_timeout() {
+    // A phone on 2G: it takes 512 bytes every 100 ms, far less than the backend pushes,
+    // so wsbeat's queue for it never empties; but it never stops reading, and
+    // write_timeout is about a peer that makes no progress. Small socket buffers on
+    // both ends (wsbeat's accepted socket inherits its listener's) let the progress show
+    // in wsbeat's writes within the timeout instead of vanishing into kernel buffers.
+    let (report, mut reported) = tokio::sync::mpsc::unbounded_channel();
+    let addr = scripted_backend(move |ws| async move {
+        let (mut sink, mut stream) = ws.split();
+        let flood = tokio::spawn(async move {
+            let chunk = Message::binary(vec![0x5a; 64 * 1024]);
+            while sink.send(chunk.clone()).await.is_ok() {}
+        });
+        let close = loop {
+            match stream.next().await {
+                Some(Ok(Message::Close(frame))) => break frame.map(|f| f.code),
+                Some(Ok(_)) => continue,
+                _ => break None,
+            }
+        };
+        let _ = report.send(close);
+        flood.abort();
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(2048).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(16).unwrap();
+    let proxy = Proxy::start_on(listener, addr, |c| {
+        c.heartbeat.message = None;
+        c.limits.write_timeout = ms(1000);
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(2048).unwrap();
+    let mut s = socket.connect(proxy.addr).await.unwrap();
+    s.write_all(upgrade_request("/").as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await.expect("a response head");
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    let mut buf = [0u8; 512];
+    let mut taken = 0;
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    let reading_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < reading_until {
+        ticker.tick().await;
+        let n = tokio::time::timeout(PATIENCE, s.read(&mut buf))
+            .await
+            .expect("bytes in time")
+            .unwrap_or(0);
+        assert!(n > 0, "cut after {taken} bytes");
+        taken += n;
+    }
+    assert!(
+        reported.try_recv().is_err(),
+        "the backend was closed while the client read"
+    );
+    assert_eq!(
+        metric(
+            proxy.admin,
+            "wsbeat_connections_total",
+            &[("route", "default"), ("outcome", "error")]
+        )
+        .await,
+        0.0
+    );
+    eprintln!("FIGURES slow reader: took {taken} B in 3 s");
 }

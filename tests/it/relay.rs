@@ -481,3 +481,44 @@ async fn invalid_utf8_text_from_the_client_gets_1007() {
     backend.expect_message(Message::text("fine")).await;
     backend.expect_close(CloseCode::Away).await;
 }
+
+#[tokio::test]
+async fn a_client_lost_in_the_middle_of_a_frame_has_the_upstream_cut_at_once() {
+    // The client's TCP ends with half a frame sent: no close frame can follow that half
+    // in the upstream's stream, so the upstream's connection is ended at once (not a
+    // CLOSE_GRACE later) and its leg counts as 1006.
+    let (addr, mut received) = raw_upstream(RawAnswer::Accept).await;
+    let proxy = Proxy::start(addr, |c| c.heartbeat.message = None).await;
+    let mut raw = raw_websocket(proxy.addr, "/").await;
+    let frame = client_frame(0x2, &[0x5a; 64 * 1024]);
+    let half = &frame[..frame.len() / 2];
+    raw.write_all(half).await.unwrap();
+    drop(raw);
+    let lost = Instant::now();
+    let got = tokio::time::timeout(PATIENCE, received.recv())
+        .await
+        .expect("the upstream's connection ends in time")
+        .unwrap();
+    let took = lost.elapsed();
+    assert!(
+        got.after == half,
+        "the upstream got {} bytes, not the {}-byte half frame",
+        got.after.len(),
+        half.len()
+    );
+    // At once, with a margin for a loaded machine; CLOSE_GRACE would be 1000 ms.
+    assert!(
+        took <= Duration::from_millis(600),
+        "the upstream's connection ended {took:?} after the client's"
+    );
+    metric_at_least(
+        proxy.admin,
+        "wsbeat_close_codes_total",
+        &[("leg", "upstream"), ("code", "1006")],
+        1.0,
+        PATIENCE,
+    )
+    .await;
+    let code = |code| close_codes(proxy.admin, "upstream", code);
+    assert_eq!(code("1001").await, 0.0, "a 1001 never sent");
+}

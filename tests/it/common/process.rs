@@ -276,6 +276,17 @@ pub async fn metric_at_least(
     }
 }
 
+/// `wsbeat_close_codes_total{leg, code}`: how many legs ended with `code` (`1006`: with
+/// no close frame).
+pub async fn close_codes(admin: SocketAddr, leg: &str, code: &str) -> f64 {
+    metric(
+        admin,
+        "wsbeat_close_codes_total",
+        &[("leg", leg), ("code", code)],
+    )
+    .await
+}
+
 /// Runs tests/python/client.py (Python `websockets`, a client nobody here wrote) with
 /// `args`, at most 30 s, and returns what it did.
 pub async fn python_client_output(args: &[&str]) -> std::process::Output {

@@ -135,6 +135,10 @@ pub struct UpstreamConfig {
     /// past it the client gets 504. The body after the head is not timed (downloads and
     /// server-sent events stream as long as they last).
     pub request_timeout: HumanDuration,
+    /// Plain HTTP: an idle pooled connection to the upstream is closed after this long.
+    /// Keep it below the backend's own keep-alive timeout (Node's `http` server: 5 s), so
+    /// wsbeat forgets a connection before the backend closes it under a request.
+    pub pool_idle_timeout: HumanDuration,
     /// PEM CA bundle that signs a `wss://` upstream's certificate; absent: the webpki
     /// (Mozilla) roots. There is no switch that turns verification off.
     pub ca: Option<PathBuf>,
@@ -149,6 +153,7 @@ impl Default for UpstreamConfig {
             url: UpstreamUrl::from_str("ws://127.0.0.1:8000").expect("default upstream URL"),
             connect_timeout: HumanDuration::secs(5),
             request_timeout: HumanDuration::secs(60),
+            pool_idle_timeout: HumanDuration::secs(4),
             ca: None,
             server_name: None,
         }
@@ -907,6 +912,12 @@ fn validate_upstream(key: &str, u: &UpstreamConfig) -> Result<(), ConfigError> {
             "must be longer than 0s",
         ));
     }
+    if u.pool_idle_timeout.0.is_zero() {
+        return Err(invalid(
+            format!("{key}.pool_idle_timeout"),
+            "must be longer than 0s",
+        ));
+    }
     Ok(())
 }
 
@@ -966,6 +977,31 @@ mod tests {
         assert_eq!(c.upstream.url.authority(), "10.1.2.3:9000");
         assert_eq!(c.heartbeat, HeartbeatConfig::default());
         assert_eq!(c.limits.max_message_size, ByteSize(16 << 20));
+    }
+
+    #[test]
+    fn pool_idle_timeout_is_per_upstream_and_longer_than_zero() {
+        let c = parse(
+            "upstream:\n  pool_idle_timeout: 2500ms\nroutes:\n  - path: /api\n    upstream: { url: ws://api:8000, pool_idle_timeout: 30s }\n",
+        )
+        .unwrap();
+        assert_eq!(c.upstream.pool_idle_timeout, HumanDuration::millis(2500));
+        let routes = c.routes();
+        assert_eq!(
+            routes.resolve("/api/x").upstream.pool_idle_timeout,
+            HumanDuration::secs(30)
+        );
+        assert_eq!(
+            UpstreamConfig::default().pool_idle_timeout,
+            HumanDuration::secs(4)
+        );
+        for yaml in [
+            "upstream:\n  pool_idle_timeout: 0s\n",
+            "routes:\n  - path: /api\n    upstream: { pool_idle_timeout: 0s }\n",
+        ] {
+            let e = parse(yaml).unwrap_err().to_string();
+            assert!(e.contains("pool_idle_timeout"), "{e}");
+        }
     }
 
     #[test]

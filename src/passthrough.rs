@@ -24,8 +24,6 @@ use crate::upstream::{add_forwarding, copy_end_to_end, ClientInfo};
 
 /// Idle upstream connections kept per upstream, ready for the next request.
 const MAX_IDLE_PER_UPSTREAM: usize = 256;
-/// How long an idle pooled upstream connection is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// What wsbeat adds to `Via` (RFC 9110 §7.6.3).
 const VIA: &str = "1.1 wsbeat";
 
@@ -135,7 +133,7 @@ impl Passthrough {
                 let client = Client::builder(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .pool_timer(TokioTimer::new())
-                    .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                    .pool_idle_timeout(route.upstream.pool_idle_timeout.0)
                     .pool_max_idle_per_host(MAX_IDLE_PER_UPSTREAM)
                     .build(connector);
                 (route.name.clone(), client)

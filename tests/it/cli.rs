@@ -143,6 +143,7 @@ fn check_prints_the_effective_config() {
     assert_eq!(effective.upstream.url.to_string(), "ws://10.0.0.5:8000");
     assert_eq!(effective.heartbeat.interval, ms(2000));
     assert_eq!(effective.liveness, Config::default().liveness);
+    assert!(yaml.contains("pool_idle_timeout: 4s"), "{yaml}");
 }
 
 #[test]

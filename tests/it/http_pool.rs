@@ -12,7 +12,7 @@ use hyper::header;
 use hyper::{Request, StatusCode};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
+use tokio::sync::watch;
 
 use super::http::{exchange, full, get, http_client};
 use crate::common::*;
@@ -21,7 +21,7 @@ use crate::common::*;
 const POST_RESPONSE_WORK: Duration = Duration::from_millis(1);
 
 /// How the raw backend treats the requests on one connection.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum Closes {
     /// Answers the first request (Content-Length, no `Connection: close`), then closes:
     /// ws4redis's development server.
@@ -29,15 +29,20 @@ enum Closes {
     /// Answers the first request; reads the second one whole, then closes without a
     /// word: a backend that closed an idle connection just as the request arrived.
     OnTheSecondRequest,
+    /// Like `OnTheSecondRequest`, but closes once it has the second request's head,
+    /// before any of its body.
+    OnTheSecondHead,
     /// Reads each request whole and closes without answering.
     Always,
 }
 
+/// Connection number and `METHOD PATH` of every request head the backend read, in order.
+type Seen = Vec<(usize, String)>;
+
 /// A backend written on raw TCP, so that it can close where a real server would not.
 struct RawBackend {
     addr: SocketAddr,
-    /// `METHOD PATH` of every request read whole, in order, and the connection number.
-    seen: Arc<Mutex<Vec<(usize, String)>>>,
+    seen: watch::Receiver<Seen>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -51,8 +56,8 @@ impl RawBackend {
     async fn start(closes: Closes) -> RawBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
+        let (log, seen) = watch::channel(Vec::new());
+        let log = Arc::new(log);
         let task = tokio::spawn(async move {
             let mut conn = 0;
             while let Ok((stream, _)) = listener.accept().await {
@@ -63,26 +68,37 @@ impl RawBackend {
         RawBackend { addr, seen, task }
     }
 
-    async fn seen(&self) -> Vec<(usize, String)> {
-        self.seen.lock().await.clone()
+    fn seen(&self) -> Seen {
+        self.seen.borrow().clone()
+    }
+
+    /// Waits until the requests seen satisfy `done`.
+    async fn wait_for(&self, done: impl FnMut(&Seen) -> bool) {
+        let mut seen = self.seen.clone();
+        tokio::time::timeout(PATIENCE, seen.wait_for(done))
+            .await
+            .expect("the backend saw it in time")
+            .expect("backend running");
     }
 }
 
-async fn serve_raw(
-    stream: TcpStream,
-    conn: usize,
-    closes: Closes,
-    seen: Arc<Mutex<Vec<(usize, String)>>>,
-) {
+async fn serve_raw(stream: TcpStream, conn: usize, closes: Closes, seen: Arc<watch::Sender<Seen>>) {
     let mut stream = BufReader::new(stream);
     for nth in 0.. {
-        let Some(request) = read_request(&mut stream).await else {
+        let Some((request, length)) = read_head(&mut stream).await else {
             return;
         };
-        seen.lock().await.push((conn, request.clone()));
+        seen.send_modify(|seen| seen.push((conn, request.clone())));
+        if closes == Closes::OnTheSecondHead && nth > 0 {
+            return; // dropped: FIN, nothing unread (the body has not come), so no RST
+        }
+        let mut body = vec![0u8; length];
+        if stream.read_exact(&mut body).await.is_err() {
+            return;
+        }
         let answer = match closes {
             Closes::AfterOneResponse => true,
-            Closes::OnTheSecondRequest => nth == 0,
+            Closes::OnTheSecondRequest | Closes::OnTheSecondHead => nth == 0,
             Closes::Always => false,
         };
         if !answer {
@@ -96,7 +112,7 @@ async fn serve_raw(
         if stream.write_all(response.as_bytes()).await.is_err() {
             return;
         }
-        if matches!(closes, Closes::AfterOneResponse) {
+        if closes == Closes::AfterOneResponse {
             // A development server logs the request after answering, then closes: the
             // FIN trails the response by a moment, so the connection looks reusable.
             // (Behaviour of the backend being modelled, not synchronisation.)
@@ -106,8 +122,8 @@ async fn serve_raw(
     }
 }
 
-/// Reads one request head and its Content-Length body; returns `METHOD PATH`.
-async fn read_request(stream: &mut BufReader<TcpStream>) -> Option<String> {
+/// Reads one request head; returns `METHOD PATH` and the Content-Length.
+async fn read_head(stream: &mut BufReader<TcpStream>) -> Option<(String, usize)> {
     let mut line = String::new();
     stream.read_line(&mut line).await.ok()?;
     let request_line = line.trim_end().to_owned();
@@ -127,10 +143,8 @@ async fn read_request(stream: &mut BufReader<TcpStream>) -> Option<String> {
             }
         }
     }
-    let mut body = vec![0u8; length];
-    stream.read_exact(&mut body).await.ok()?;
     let mut parts = request_line.split(' ');
-    Some(format!("{} {}", parts.next()?, parts.next()?))
+    Some((format!("{} {}", parts.next()?, parts.next()?), length))
 }
 
 fn retries(admin: SocketAddr) -> impl std::future::Future<Output = f64> {
@@ -193,7 +207,7 @@ async fn a_backend_that_closes_after_each_response_never_causes_a_502() {
     // was closing without reading them.
     let retried = retries(proxy.admin).await;
     println!("{retried} retried on a new connection");
-    assert_eq!(backend.seen().await.len(), total);
+    assert_eq!(backend.seen().len(), total);
 }
 
 /// tests/node/keepalive_server.js, killed when dropped.
@@ -335,7 +349,7 @@ async fn a_post_whose_body_was_sent_is_not_retried() {
     let (status, _, body) = exchange(&mut client, post).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     assert_eq!(
-        backend.seen().await,
+        backend.seen(),
         vec![(0, "GET /first".to_owned()), (0, "POST /submit".to_owned())],
         "the POST reached the backend more than once"
     );
@@ -343,17 +357,61 @@ async fn a_post_whose_body_was_sent_is_not_retried() {
 }
 
 #[tokio::test]
+async fn a_post_whose_body_the_upstream_never_took_goes_again_whole() {
+    let backend = RawBackend::start(Closes::OnTheSecondHead).await;
+    let proxy = Proxy::start(backend.addr, |_| {}).await;
+    let mut client = http_client(proxy.addr).await;
+    assert_eq!(exchange(&mut client, get("/first")).await.0, StatusCode::OK);
+    // `Expect: 100-continue` holds the body back until wsbeat asks for it (that is, once
+    // the upstream connection wants it); the backend closes the reused connection as
+    // soon as it has the head.
+    let mut raw = TcpStream::connect(proxy.addr).await.unwrap();
+    raw.write_all(
+        b"POST /order HTTP/1.1\r\nHost: app.example\r\nContent-Length: 7\r\n\
+          Expect: 100-continue\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(PATIENCE, raw.read(&mut buf))
+        .await
+        .expect("100 Continue in time")
+        .unwrap();
+    let interim = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(
+        interim.starts_with("HTTP/1.1 100 Continue\r\n"),
+        "{interim}"
+    );
+    // The body is sent only once the request has gone again, on a new connection.
+    backend
+        .wait_for(|seen| seen.iter().filter(|(_, r)| r == "POST /order").count() == 2)
+        .await;
+    raw.write_all(b"order=1").await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(PATIENCE, raw.read_to_end(&mut response))
+        .await
+        .expect("response in time")
+        .unwrap();
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    assert!(
+        response.ends_with("answer to POST /order on connection 1"),
+        "{response}"
+    );
+    assert_eq!(retries(proxy.admin).await, 1.0);
+}
+
+#[tokio::test]
 async fn retries_go_to_a_new_connection_and_are_counted() {
     let backend = RawBackend::start(Closes::OnTheSecondRequest).await;
     let proxy = Proxy::start(backend.addr, |_| {}).await;
-    assert_retries_exported(proxy.admin).await;
     let mut client = http_client(proxy.addr).await;
     for path in ["/a", "/b", "/c", "/d"] {
         let (status, _, body) = exchange(&mut client, get(path)).await;
         assert_eq!(status, StatusCode::OK, "{path}: {body}");
     }
     // /b met the connection that closed on it and went again, on a new connection.
-    let seen = backend.seen().await;
+    let seen = backend.seen();
     let mut retried = 0;
     for path in ["/a", "/b", "/c", "/d"] {
         let conns: Vec<usize> = seen
@@ -387,6 +445,6 @@ async fn retries_go_to_a_new_connection_and_are_counted() {
         exchange(&mut client, get("/x")).await.0,
         StatusCode::BAD_GATEWAY
     );
-    assert_eq!(broken.seen().await.len(), 1);
+    assert_eq!(broken.seen().len(), 1);
     assert_eq!(retries(proxy.admin).await, 0.0);
 }

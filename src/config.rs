@@ -137,8 +137,8 @@ pub struct UpstreamConfig {
     /// they last).
     pub request_timeout: HumanDuration,
     /// Plain HTTP: an idle pooled connection to the upstream is closed after this long.
-    /// Keep it below the backend's own keep-alive timeout (Node's `http` server: 5 s), so
-    /// wsbeat forgets a connection before the backend closes it under a request.
+    /// Keep it below the backend's own keep-alive timeout (Node's `http` server announces
+    /// 5 s), so wsbeat forgets a connection before the backend closes it under a request.
     pub pool_idle_timeout: HumanDuration,
     /// PEM CA bundle that signs a `wss://` upstream's certificate; absent: the webpki
     /// (Mozilla) roots. There is no switch that turns verification off.

@@ -91,6 +91,8 @@ pub struct Metrics {
     pub close_codes: IntCounterVec,
     pub http_requests: IntCounterVec,
     pub http_request_duration: HistogramVec,
+    /// Plain HTTP requests sent again on a new connection after a reused one failed.
+    pub upstream_retries: IntCounterVec,
     /// TLS handshakes that failed, by `leg` (a client that sends nothing and closes is
     /// not counted; one that sends nothing until `limits.handshake_timeout` is).
     pub tls_handshake_errors: IntCounterVec,
@@ -247,6 +249,12 @@ impl Metrics {
                 &["route"],
                 &HTTP_BUCKETS,
             ),
+            upstream_retries: counter(
+                &r,
+                "wsbeat_upstream_retries_total",
+                "Plain HTTP requests sent again on a new connection after a reused pooled one failed before the response.",
+                &["route"],
+            ),
             tls_handshake_errors: counter(
                 &r,
                 "wsbeat_tls_handshake_errors_total",
@@ -275,6 +283,7 @@ impl Metrics {
             m.upstream_connect.with_label_values(&[name]);
             m.http_requests.with_label_values(&[name, "101"]);
             m.http_request_duration.with_label_values(&[name]);
+            m.upstream_retries.with_label_values(&[name]);
             for outcome in OUTCOMES {
                 m.connections_total
                     .with_label_values(&[name, outcome.as_str()]);
@@ -560,6 +569,7 @@ mod tests {
             "wsbeat_close_codes_total",
             "wsbeat_http_requests_total",
             "wsbeat_http_request_duration_seconds",
+            "wsbeat_upstream_retries_total",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {family} ")),

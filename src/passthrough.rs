@@ -1,10 +1,13 @@
 //! Plain HTTP pass-through: a request that is not a WebSocket upgrade goes to its route's
 //! upstream through a pooled client, bodies streamed both ways.
 
+mod retry;
+
 use std::collections::HashMap;
 use std::error::Error as _;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::PoisonError;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -12,10 +15,13 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus::{IntCounter, IntCounterVec};
 use tokio::net::TcpStream;
+
+pub use self::retry::UpstreamIo;
+use self::retry::{failed_on_stale_connection, may_retry, ClientBody};
 
 use crate::config::{Route, Routes};
 use crate::server::{text, Body};
@@ -29,7 +35,19 @@ const VIA: &str = "1.1 wsbeat";
 
 /// One pooled HTTP client per route (each route has its own upstream and timeouts).
 pub struct Passthrough {
-    clients: HashMap<String, Client<UpstreamConnector, Incoming>>,
+    clients: HashMap<String, RouteClient>,
+}
+
+/// The clients of one route.
+struct RouteClient {
+    /// Pooled: keep-alive connections, idle at most `upstream.pool_idle_timeout`.
+    pooled: Client<UpstreamConnector, ClientBody>,
+    /// Not pooled: every request on a new connection. Retries go here, because the
+    /// pool may hold more connections the backend has closed (Node closes them all
+    /// after the same 5 s).
+    fresh: Client<UpstreamConnector, ClientBody>,
+    /// `wsbeat_upstream_retries_total{route}`.
+    retries: IntCounter,
 }
 
 /// Opens connections to one route's upstream: `ws://` → plain TCP, `wss://` → TLS with
@@ -44,9 +62,9 @@ pub struct UpstreamConnector {
 }
 
 impl tower_service::Service<Uri> for UpstreamConnector {
-    type Response = TokioIo<LegStream>;
+    type Response = TokioIo<UpstreamIo>;
     type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<TokioIo<LegStream>>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<TokioIo<UpstreamIo>>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
@@ -71,7 +89,7 @@ impl tower_service::Service<Uri> for UpstreamConnector {
                     tokio_rustls::TlsStream::Client(tls_stream).into()
                 }
             };
-            Ok(TokioIo::new(stream))
+            Ok(TokioIo::new(UpstreamIo::new(stream)))
         })
     }
 }
@@ -80,12 +98,6 @@ impl tower_service::Service<Uri> for UpstreamConnector {
 #[derive(Debug, thiserror::Error)]
 #[error("TLS handshake with the upstream failed: {0}")]
 struct TlsFailed(std::io::Error);
-
-impl Connection for LegStream {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
 
 /// Why a request got no response from the upstream; decides the client's status and the
 /// `reason` label of `wsbeat_upstream_errors_total`.
@@ -119,8 +131,13 @@ impl ForwardError {
 }
 
 impl Passthrough {
-    /// `tls` holds the connector of every route with a `wss://` upstream.
-    pub fn new(routes: &Routes, tls: &HashMap<String, UpstreamTls>) -> Self {
+    /// `tls` holds the connector of every route with a `wss://` upstream; `retries` is
+    /// `wsbeat_upstream_retries_total`.
+    pub fn new(
+        routes: &Routes,
+        tls: &HashMap<String, UpstreamTls>,
+        retries: &IntCounterVec,
+    ) -> Self {
         let clients = routes
             .all()
             .map(|route| {
@@ -130,12 +147,21 @@ impl Passthrough {
                     connect_timeout: route.upstream.connect_timeout.0,
                     tls: tls.get(&route.name).cloned(),
                 };
-                let client = Client::builder(TokioExecutor::new())
+                let pooled = Client::builder(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .pool_timer(TokioTimer::new())
                     .pool_idle_timeout(route.upstream.pool_idle_timeout.0)
                     .pool_max_idle_per_host(MAX_IDLE_PER_UPSTREAM)
+                    .build(connector.clone());
+                let fresh = Client::builder(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .pool_max_idle_per_host(0)
                     .build(connector);
+                let client = RouteClient {
+                    pooled,
+                    fresh,
+                    retries: retries.with_label_values(&[&route.name]),
+                };
                 (route.name.clone(), client)
             })
             .collect();
@@ -143,7 +169,8 @@ impl Passthrough {
     }
 
     /// Sends the request to the route's upstream and returns its response, whose body
-    /// streams as the upstream sends it. Errors come back as 502 / 504 responses.
+    /// streams as the upstream sends it. A request that meets a pooled connection the
+    /// backend has closed goes once more on a new connection when [`may_retry`] allows.
     pub async fn forward(
         &self,
         req: Request<Incoming>,
@@ -157,21 +184,54 @@ impl Passthrough {
         };
         let upstream = format!("{scheme}://{}", route.upstream.url.authority());
         let client = &self.clients[&route.name];
-        let request = upstream_request(req, info, &upstream);
-        let response =
-            match tokio::time::timeout(route.upstream.request_timeout.0, client.request(request))
-                .await
-            {
-                Err(_) => return Err(ForwardError::Timeout(upstream)),
-                Ok(Err(e)) => return Err(classify(e, upstream)),
-                Ok(Ok(response)) => response,
-            };
+        let exchange = client.send(upstream_request(req, info, &upstream), route);
+        let response = match tokio::time::timeout(route.upstream.request_timeout.0, exchange).await
+        {
+            Err(_) => return Err(ForwardError::Timeout(upstream)),
+            Ok(Err(e)) => return Err(classify(e, upstream)),
+            Ok(Ok(response)) => response,
+        };
         let (parts, body) = response.into_parts();
         let mut out = Response::new(body.boxed());
         *out.status_mut() = parts.status;
         copy_end_to_end(&parts.headers, out.headers_mut());
         append_via(out.headers_mut());
         Ok(out)
+    }
+}
+
+impl RouteClient {
+    /// One request through the pool, and once more on a new connection if the pooled one
+    /// turned out stale and the request may be repeated.
+    async fn send(
+        &self,
+        req: Request<Incoming>,
+        route: &Route,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        let (parts, body) = req.into_parts();
+        let (body, slot) = ClientBody::new(body);
+        let again = Request::from_parts(parts.clone(), ());
+        let first = self.pooled.request(Request::from_parts(parts, body)).await;
+        let e = match first {
+            Ok(response) => return Ok(response),
+            Err(e) => e,
+        };
+        if !failed_on_stale_connection(&e) {
+            return Err(e);
+        }
+        let (sent, body) = slot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take_back();
+        let Some(body) = body.filter(|_| may_retry(again.method(), sent)) else {
+            tracing::debug!(route = %route.name, method = %again.method(), error = %e, "a reused upstream connection failed; the request cannot be repeated");
+            return Err(e);
+        };
+        tracing::debug!(route = %route.name, method = %again.method(), error = %e, "a reused upstream connection failed before the response: retrying on a new one");
+        self.retries.inc();
+        let (parts, ()) = again.into_parts();
+        let (body, _) = ClientBody::new(body);
+        self.fresh.request(Request::from_parts(parts, body)).await
     }
 }
 

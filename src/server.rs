@@ -62,9 +62,13 @@ impl Proxy {
         tracker: TaskTracker,
     ) -> Self {
         Proxy {
-            metrics,
             routes: config.routes(),
-            passthrough: Passthrough::new(&config.routes(), &tls.upstreams),
+            passthrough: Passthrough::new(
+                &config.routes(),
+                &tls.upstreams,
+                &metrics.upstream_retries,
+            ),
+            metrics,
             tls,
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             config,

@@ -102,13 +102,14 @@ pub struct UpstreamConfig {
     /// Time allowed to connect and complete the upstream handshake; past it the client
     /// gets 504.
     pub connect_timeout: HumanDuration,
-    /// Plain HTTP: time allowed from sending a request to the upstream's response head;
-    /// past it the client gets 504. The body after the head is not timed (downloads and
-    /// server-sent events stream as long as they last).
+    /// Plain HTTP: time allowed from sending a request to the upstream's response head
+    /// (a retry on a new connection included); past it the client gets 504. The body
+    /// after the head is not timed (downloads and server-sent events stream as long as
+    /// they last).
     pub request_timeout: HumanDuration,
     /// Plain HTTP: an idle pooled connection to the upstream is closed after this long.
-    /// Keep it below the backend's own keep-alive timeout (Node's `http` server: 5 s), so
-    /// wsbeat forgets a connection before the backend closes it under a request.
+    /// Keep it below the backend's own keep-alive timeout (Node's `http` server announces
+    /// 5 s), so wsbeat forgets a connection before the backend closes it under a request.
     pub pool_idle_timeout: HumanDuration,
     /// PEM CA bundle that signs a `wss://` upstream's certificate; absent: the webpki
     /// (Mozilla) roots. There is no switch that turns verification off.

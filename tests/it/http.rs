@@ -25,9 +25,9 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+pub(super) type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
-fn full(data: impl Into<Bytes>) -> Body {
+pub(super) fn full(data: impl Into<Bytes>) -> Body {
     Full::new(data.into())
         .map_err(|never| match never {})
         .boxed()
@@ -225,7 +225,7 @@ async fn respond(
 }
 
 /// An HTTP/1.1 client connection to wsbeat (one TCP connection, kept alive).
-async fn http_client(addr: SocketAddr) -> SendRequest<Body> {
+pub(super) async fn http_client(addr: SocketAddr) -> SendRequest<Body> {
     let tcp = TcpStream::connect(addr).await.unwrap();
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
@@ -234,7 +234,7 @@ async fn http_client(addr: SocketAddr) -> SendRequest<Body> {
     sender
 }
 
-fn get(path: &str) -> Request<Body> {
+pub(super) fn get(path: &str) -> Request<Body> {
     Request::get(path)
         .header(header::HOST, "app.example")
         .body(full(""))
@@ -242,7 +242,7 @@ fn get(path: &str) -> Request<Body> {
 }
 
 /// Sends a request and returns the status, headers and the whole body as text.
-async fn exchange(
+pub(super) async fn exchange(
     sender: &mut SendRequest<Body>,
     req: Request<Body>,
 ) -> (StatusCode, hyper::HeaderMap, String) {

@@ -18,6 +18,7 @@ mod faults;
 mod heartbeat;
 mod hostile;
 mod http;
+mod http_pool;
 mod metrics;
 mod netns;
 mod relay;

@@ -7,7 +7,7 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, StatusCode, Version};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::upstream::header_tokens;
+use crate::forwarding::header_tokens;
 
 /// Longest request head accepted; larger ones get 431.
 pub const MAX_REQUEST_HEAD: usize = 64 * 1024;

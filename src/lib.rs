@@ -5,6 +5,8 @@
 //! - [`config`]: the YAML configuration, its defaults and validation, resolved routes.
 //! - [`server`]: the public listener, routing, the hand-over to a relay.
 //! - [`handshake`]: the client handshake decision (pure): request head → response.
+//! - [`forwarding`]: header policy between the legs: end-to-end headers, tokens,
+//!   `X-Forwarded-*` and `Via`.
 //! - [`upstream`]: the upstream leg's handshake with the forwarded headers.
 //! - [`client_script`]: the browser client, served at `client_script` when configured.
 //! - [`passthrough`]: plain HTTP requests, proxied through a pooled client.
@@ -21,6 +23,7 @@
 pub mod admin;
 pub mod client_script;
 pub mod config;
+pub mod forwarding;
 pub mod frame;
 pub mod handshake;
 pub mod heartbeat;

@@ -11,9 +11,8 @@ use std::sync::PoisonError;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::header;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -24,14 +23,11 @@ pub use self::retry::UpstreamIo;
 use self::retry::{failed_on_stale_connection, may_retry, ClientBody};
 
 use crate::config::{Route, Routes};
-use crate::server::{text, Body};
+use crate::forwarding::{add_forwarding, append_via, copy_end_to_end, ClientInfo};
 use crate::tls::{LegStream, UpstreamTls};
-use crate::upstream::{add_forwarding, copy_end_to_end, ClientInfo};
 
 /// Idle upstream connections kept per upstream, ready for the next request.
 const MAX_IDLE_PER_UPSTREAM: usize = 256;
-/// What wsbeat adds to `Via` (RFC 9110 §7.6.3).
-const VIA: &str = "1.1 wsbeat";
 
 /// One pooled HTTP client per route (each route has its own upstream and timeouts).
 pub struct Passthrough {
@@ -176,7 +172,7 @@ impl Passthrough {
         req: Request<Incoming>,
         info: ClientInfo,
         route: &Route,
-    ) -> Result<Response<Body>, ForwardError> {
+    ) -> Result<Response<Incoming>, ForwardError> {
         let scheme = if route.upstream.url.secure {
             "https"
         } else {
@@ -192,7 +188,7 @@ impl Passthrough {
             Ok(Ok(response)) => response,
         };
         let (parts, body) = response.into_parts();
-        let mut out = Response::new(body.boxed());
+        let mut out = Response::new(body);
         *out.status_mut() = parts.status;
         copy_end_to_end(&parts.headers, out.headers_mut());
         append_via(out.headers_mut());
@@ -264,18 +260,6 @@ fn upstream_request(req: Request<Incoming>, info: ClientInfo, upstream: &str) ->
     out
 }
 
-/// Adds wsbeat to the `Via` list, after any earlier hops.
-fn append_via(headers: &mut HeaderMap) {
-    let via = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {VIA}"),
-        _ => VIA.to_owned(),
-    };
-    headers.remove(header::VIA);
-    if let Ok(v) = HeaderValue::from_str(&via) {
-        headers.insert(header::VIA, v);
-    }
-}
-
 /// Tells a connect timeout (504) from a refused connect (502) from a broken exchange.
 fn classify(e: hyper_util::client::legacy::Error, upstream: String) -> ForwardError {
     let mut source = e.source();
@@ -302,17 +286,19 @@ fn classify(e: hyper_util::client::legacy::Error, upstream: String) -> ForwardEr
     }
 }
 
+/// Why a request is refused before it is forwarded; the server renders it (405 with
+/// `Allow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MethodRefusal {
+    pub message: &'static str,
+    /// The methods wsbeat forwards, for the `Allow` header.
+    pub allow: &'static str,
+}
+
 /// Requests wsbeat never forwards: `CONNECT` would make it an open tunnel.
-pub fn refuse_method(method: &Method) -> Option<Response<Body>> {
-    (method == Method::CONNECT).then(|| {
-        let mut r = text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "wsbeat: CONNECT is not supported (wsbeat is a reverse proxy, not a tunnel)",
-        );
-        r.headers_mut().insert(
-            header::ALLOW,
-            HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
-        );
-        r
+pub fn refuse_method(method: &Method) -> Option<MethodRefusal> {
+    (method == Method::CONNECT).then_some(MethodRefusal {
+        message: "wsbeat: CONNECT is not supported (wsbeat is a reverse proxy, not a tunnel)",
+        allow: "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
     })
 }

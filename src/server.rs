@@ -22,12 +22,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Route, Routes};
+use crate::forwarding::{copy_end_to_end, ClientInfo};
 use crate::handshake::{self, is_upgrade_request, MAX_REQUEST_HEAD};
 use crate::metrics::{ConnectionView, Metrics};
 use crate::passthrough::Passthrough;
 use crate::relay::{self, RelayContext};
 use crate::tls::{self, LegStream};
-use crate::upstream::{self, ClientInfo, Dialed};
+use crate::upstream::{self, Dialed};
 
 /// Response body type for everything the public listener answers.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -230,11 +231,14 @@ impl Proxy {
         route: &Route,
     ) -> Response<Body> {
         if let Some(refusal) = crate::passthrough::refuse_method(req.method()) {
-            return refusal;
+            let mut r = text(StatusCode::METHOD_NOT_ALLOWED, refusal.message);
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(refusal.allow));
+            return r;
         }
         let started = tokio::time::Instant::now();
         let response = match self.passthrough.forward(req, info, route).await {
-            Ok(response) => response,
+            Ok(response) => response.map(|body| body.boxed()),
             Err(e) => {
                 let (status, reason) = e.status_and_reason();
                 self.metrics
@@ -413,7 +417,7 @@ async fn refused(response: Response<Incoming>, patience: Duration) -> Response<B
             .boxed(),
     );
     *out.status_mut() = parts.status;
-    upstream::copy_end_to_end(&parts.headers, out.headers_mut());
+    copy_end_to_end(&parts.headers, out.headers_mut());
     out.headers_mut().remove(header::CONTENT_LENGTH);
     out
 }

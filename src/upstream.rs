@@ -1,11 +1,10 @@
 //! The upstream leg's handshake: dial the route's upstream, forward the client's request
 //! with the end-to-end and `X-Forwarded-*` headers, and check the 101 it answers.
 
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::upgrade::Upgraded;
 use hyper::{Method, Request, Response, StatusCode, Version};
@@ -15,6 +14,7 @@ use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::config::UpstreamConfig;
+use crate::forwarding::{add_forwarding, copy_end_to_end, header_tokens, ClientInfo};
 use crate::tls::{LegStream, UpstreamTls};
 
 /// The upstream leg once its handshake is done: the stream and any frames that arrived
@@ -91,91 +91,6 @@ pub enum Dialed {
     },
     /// Anything else (403, 404, …): passed to the client as it is, body streamed.
     Refused(Response<Incoming>),
-}
-
-/// The client's side of the connection, for `X-Forwarded-*`.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientInfo {
-    pub addr: SocketAddr,
-    /// True when the client reached wsbeat over TLS.
-    pub tls: bool,
-}
-
-/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus the WebSocket
-/// handshake headers that each leg negotiates for itself.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "sec-websocket-key",
-    "sec-websocket-accept",
-    "sec-websocket-version",
-    "sec-websocket-extensions",
-    "sec-websocket-protocol",
-];
-
-/// Copies the end-to-end headers: everything but hop-by-hop ones and those the
-/// `Connection` header names.
-pub fn copy_end_to_end(from: &HeaderMap, to: &mut HeaderMap) {
-    let named_in_connection: Vec<String> = from
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .collect();
-    for (name, value) in from {
-        let n = name.as_str();
-        if HOP_BY_HOP.contains(&n) || named_in_connection.iter().any(|c| c == n) {
-            continue;
-        }
-        to.append(name.clone(), value.clone());
-    }
-}
-
-/// Tokens of a comma-separated header, e.g. the subprotocols a client offers.
-pub fn header_tokens<'a>(
-    headers: &'a HeaderMap,
-    name: &HeaderName,
-) -> impl Iterator<Item = &'a str> {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-}
-
-/// Adds `X-Forwarded-For` (the client's own list, then the address wsbeat saw),
-/// `X-Forwarded-Proto` and `X-Forwarded-Host` (the client's `Host`) to a request bound
-/// for the upstream. The client's `Host` itself is forwarded unchanged.
-pub fn add_forwarding(client: &HeaderMap, info: ClientInfo, out: &mut HeaderMap) {
-    let ip = info.addr.ip().to_string();
-    let xff = match header_tokens(client, &HeaderName::from_static("x-forwarded-for"))
-        .collect::<Vec<_>>()
-    {
-        prior if prior.is_empty() => ip,
-        prior => format!("{}, {ip}", prior.join(", ")),
-    };
-    out.remove("x-forwarded-for");
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        out.insert("x-forwarded-for", v);
-    }
-    out.insert(
-        "x-forwarded-proto",
-        HeaderValue::from_static(if info.tls { "https" } else { "http" }),
-    );
-    out.remove("x-forwarded-host");
-    if let Some(host) = client.get(header::HOST) {
-        out.insert("x-forwarded-host", host.clone());
-    }
 }
 
 /// Builds the upstream handshake request from the client's request head.

@@ -1,12 +1,8 @@
 //! Prometheus metrics: one `Metrics` struct of handles, registered once and passed as
-//! `Arc`, and the live-connection views behind `/connections` and the per-connection
-//! series.
+//! `Arc`, holding the registry of live connections behind `/connections` and the
+//! per-connection series.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
@@ -15,20 +11,11 @@ use prometheus::{
 use tokio::time::Instant;
 
 use crate::config::Routes;
-use crate::relay::{LegKind, Outcome, Summary};
+use crate::conn::{self, ConnectionView, Leg, Outcome, Summary};
 
 /// Per-connection series are exported for at most this many connections (the oldest).
 pub const PER_CONNECTION_CAP: usize = 1000;
 
-const OUTCOMES: [Outcome; 6] = [
-    Outcome::ClientClose,
-    Outcome::UpstreamClose,
-    Outcome::ClientDead,
-    Outcome::UpstreamDead,
-    Outcome::Error,
-    Outcome::Shutdown,
-];
-const LEGS: [&str; 2] = ["client", "upstream"];
 const DIRECTIONS: [&str; 2] = ["to_client", "to_upstream"];
 const KINDS: [&str; 3] = ["text", "binary", "close"];
 /// `reason` label values of `wsbeat_upstream_errors_total`.
@@ -96,8 +83,8 @@ pub struct Metrics {
     pub tls_handshake_errors: IntCounterVec,
     connection_last_seen: GaugeVec,
     connection_pong_rtt: GaugeVec,
-    /// Live WebSockets by id; ids grow with time, so this is oldest first.
-    live: Mutex<BTreeMap<u64, Arc<ConnectionView>>>,
+    /// The live WebSockets, listed by `/connections` and the per-connection series.
+    live: conn::Registry,
     /// Held while rendering: the per-connection series are rebuilt at each scrape, and
     /// two overlapping scrapes must not see each other's half-built set.
     render: Mutex<()>,
@@ -262,7 +249,7 @@ impl Metrics {
                 "Last PONG round trip, per connection (metrics.per_connection).",
             ),
             registry: r,
-            live: Mutex::new(BTreeMap::new()),
+            live: conn::Registry::new(),
             render: Mutex::new(()),
         };
         for route in routes.all() {
@@ -275,11 +262,11 @@ impl Metrics {
             m.upstream_connect.with_label_values(&[name]);
             m.http_requests.with_label_values(&[name, "101"]);
             m.http_request_duration.with_label_values(&[name]);
-            for outcome in OUTCOMES {
+            for outcome in Outcome::ALL {
                 m.connections_total
                     .with_label_values(&[name, outcome.as_str()]);
             }
-            for leg in LEGS {
+            for leg in Leg::BOTH.map(Leg::as_str) {
                 m.pings_sent.with_label_values(&[name, leg]);
                 m.pongs_received.with_label_values(&[name, leg]);
                 m.pong_rtt.with_label_values(&[name, leg]);
@@ -295,7 +282,7 @@ impl Metrics {
                 m.upstream_errors.with_label_values(&[name, reason]);
             }
         }
-        for leg in LEGS {
+        for leg in Leg::BOTH.map(Leg::as_str) {
             m.tls_handshake_errors.with_label_values(&[leg]);
             for code in [1000u16, 1001, 1006, 1011] {
                 m.close_codes
@@ -352,19 +339,13 @@ impl Metrics {
         self.connections_active
             .with_label_values(&[&view.route])
             .inc();
-        self.live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(view.id, view);
+        self.live.insert(view);
     }
 
     /// A WebSocket ended: count how, and forget it.
     pub fn close(&self, view: &ConnectionView, summary: &Summary) {
         let route = view.route.as_str();
-        self.live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&view.id);
+        self.live.remove(view.id);
         self.connections_active.with_label_values(&[route]).dec();
         self.connections_total
             .with_label_values(&[route, summary.outcome.as_str()])
@@ -372,24 +353,16 @@ impl Metrics {
         self.connection_duration
             .with_label_values(&[route])
             .observe(view.started.elapsed().as_secs_f64());
-        for (leg, code) in [
-            (LegKind::Client, summary.client_close_code),
-            (LegKind::Upstream, summary.upstream_close_code),
-        ] {
+        for (leg, code) in summary.close_codes().iter() {
             self.close_codes
-                .with_label_values(&[leg.as_str(), &close_code_label(code)])
+                .with_label_values(&[leg.as_str(), &close_code_label(*code)])
                 .inc();
         }
     }
 
-    /// Snapshots of the live WebSockets, oldest first.
-    pub fn connections(&self) -> Vec<Arc<ConnectionView>> {
-        self.live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect()
+    /// The live WebSockets (`/connections`).
+    pub fn connections(&self) -> &conn::Registry {
+        &self.live
     }
 
     /// The Prometheus text exposition of every family.
@@ -411,7 +384,7 @@ impl Metrics {
         self.connection_last_seen.reset();
         self.connection_pong_rtt.reset();
         let now = Instant::now();
-        for view in self.connections().iter().take(PER_CONNECTION_CAP) {
+        for view in self.live.list().iter().take(PER_CONNECTION_CAP) {
             let conn = view.id.to_string();
             self.connection_last_seen
                 .with_label_values(&[&conn])
@@ -441,96 +414,6 @@ pub struct ConnMetrics {
     pub bytes_to_upstream: IntCounter,
     /// `wsbeat_upstream_errors_total{reason="lost"}`.
     pub upstream_lost: IntCounter,
-}
-
-/// What `/connections` shows of one live WebSocket; the relay updates it as it goes.
-#[derive(Debug)]
-pub struct ConnectionView {
-    pub id: u64,
-    pub client_addr: SocketAddr,
-    pub route: String,
-    pub upstream: String,
-    pub started: Instant,
-    /// Milliseconds from `started` to the client's last frame.
-    last_client_frame_ms: AtomicU64,
-    /// Microseconds of the last PONG round trip; `u64::MAX` while there is none.
-    last_pong_rtt_us: AtomicU64,
-    pub heartbeats_sent: AtomicU64,
-    pub client_heartbeats_dropped: AtomicU64,
-    pub messages_to_client: AtomicU64,
-    pub messages_to_upstream: AtomicU64,
-    pub bytes_to_client: AtomicU64,
-    pub bytes_to_upstream: AtomicU64,
-}
-
-impl ConnectionView {
-    pub fn new(
-        id: u64,
-        client_addr: SocketAddr,
-        route: &str,
-        upstream: String,
-        started: Instant,
-    ) -> Self {
-        ConnectionView {
-            id,
-            client_addr,
-            route: route.to_owned(),
-            upstream,
-            started,
-            last_client_frame_ms: AtomicU64::new(0),
-            last_pong_rtt_us: AtomicU64::new(u64::MAX),
-            heartbeats_sent: AtomicU64::new(0),
-            client_heartbeats_dropped: AtomicU64::new(0),
-            messages_to_client: AtomicU64::new(0),
-            messages_to_upstream: AtomicU64::new(0),
-            bytes_to_client: AtomicU64::new(0),
-            bytes_to_upstream: AtomicU64::new(0),
-        }
-    }
-
-    pub fn client_frame_at(&self, at: Instant) {
-        let ms = at.saturating_duration_since(self.started).as_millis();
-        self.last_client_frame_ms
-            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
-    }
-
-    pub fn last_client_frame_ago(&self, now: Instant) -> Duration {
-        let at =
-            self.started + Duration::from_millis(self.last_client_frame_ms.load(Ordering::Relaxed));
-        now.saturating_duration_since(at)
-    }
-
-    pub fn set_pong_rtt(&self, rtt: Duration) {
-        let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX - 1);
-        self.last_pong_rtt_us.store(us, Ordering::Relaxed);
-    }
-
-    pub fn last_pong_rtt(&self) -> Option<Duration> {
-        match self.last_pong_rtt_us.load(Ordering::Relaxed) {
-            u64::MAX => None,
-            us => Some(Duration::from_micros(us)),
-        }
-    }
-
-    /// The JSON object `/connections` lists.
-    pub fn to_json(&self, now: Instant) -> serde_json::Value {
-        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        serde_json::json!({
-            "id": self.id,
-            "client_addr": self.client_addr.to_string(),
-            "route": self.route,
-            "upstream": self.upstream,
-            "age_seconds": now.saturating_duration_since(self.started).as_secs_f64(),
-            "last_client_frame_seconds_ago": self.last_client_frame_ago(now).as_secs_f64(),
-            "last_pong_rtt_seconds": self.last_pong_rtt().map(|d| d.as_secs_f64()),
-            "heartbeats_sent": n(&self.heartbeats_sent),
-            "client_heartbeats_dropped": n(&self.client_heartbeats_dropped),
-            "messages_to_client": n(&self.messages_to_client),
-            "messages_to_upstream": n(&self.messages_to_upstream),
-            "bytes_to_client": n(&self.bytes_to_client),
-            "bytes_to_upstream": n(&self.bytes_to_upstream),
-        })
-    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,6 @@
 //! (backpressure). wsbeat's own frames (heartbeats, PINGs, PONGs, closes) are put between
 //! forwarded frames, heartbeats between messages.
 
-use std::fmt;
 use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;
@@ -25,9 +24,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Route;
+use crate::conn::{ConnectionView, Leg, Outcome, Summary};
 use crate::frame::{self, close, encode, Event as FrameEvent, Parser, Sender, Violation};
 use crate::heartbeat::{Action, Heartbeat, Schedule};
-use crate::metrics::{ConnMetrics, ConnectionView};
+use crate::metrics::ConnMetrics;
 
 #[cfg(test)]
 mod endings;
@@ -57,78 +57,6 @@ const TIMER_GRANULARITY: Duration = Duration::from_millis(10);
 /// An output buffer larger than this is freed once written, so a connection that
 /// carried one large burst does not keep its memory while idle.
 const KEEP_CAPACITY: usize = 1024;
-
-/// Which side of the proxy: the metric label `leg`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LegKind {
-    Client,
-    Upstream,
-}
-
-impl LegKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LegKind::Client => "client",
-            LegKind::Upstream => "upstream",
-        }
-    }
-
-    fn other(self) -> LegKind {
-        match self {
-            LegKind::Client => LegKind::Upstream,
-            LegKind::Upstream => LegKind::Client,
-        }
-    }
-}
-
-/// How a proxied connection ended: the metric label `outcome`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The client closed (close frame, or its TCP connection ended).
-    ClientClose,
-    /// The upstream closed.
-    UpstreamClose,
-    /// The client stopped answering: liveness timeout.
-    ClientDead,
-    /// The upstream stopped answering its PINGs.
-    UpstreamDead,
-    /// A protocol violation, an oversized message, a write timeout or an I/O error.
-    Error,
-    /// wsbeat is shutting down.
-    Shutdown,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::ClientClose => "client_close",
-            Outcome::UpstreamClose => "upstream_close",
-            Outcome::ClientDead => "client_dead",
-            Outcome::UpstreamDead => "upstream_dead",
-            Outcome::Error => "error",
-            Outcome::Shutdown => "shutdown",
-        }
-    }
-}
-
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What the relay reports when the connection is over.
-#[derive(Debug, Clone)]
-pub struct Summary {
-    pub outcome: Outcome,
-    /// The close code sent to (or first received from) each leg, when there was one.
-    pub client_close_code: Option<u16>,
-    pub upstream_close_code: Option<u16>,
-    /// Data messages read from the upstream after the client's leg was closed, and
-    /// from the client after the upstream's: there was nowhere left to write them.
-    pub dropped_to_client: u64,
-    pub dropped_to_upstream: u64,
-}
 
 /// What one connection needs besides its two sockets.
 pub struct RelayContext {
@@ -269,10 +197,10 @@ impl Side {
 }
 
 /// Index of a leg in `ConnMetrics`' per-leg arrays.
-fn leg_index(leg: LegKind) -> usize {
+fn leg_index(leg: Leg) -> usize {
     match leg {
-        LegKind::Client => 0,
-        LegKind::Upstream => 1,
+        Leg::Client => 0,
+        Leg::Upstream => 1,
     }
 }
 
@@ -291,9 +219,9 @@ enum Event {
     /// Bytes were read and processed.
     Progress,
     /// The peer ended its stream (EOF).
-    Eof(LegKind),
-    ReadFailed(LegKind, io::Error),
-    WriteFailed(LegKind, io::Error),
+    Eof(Leg),
+    ReadFailed(Leg, io::Error),
+    WriteFailed(Leg, io::Error),
     /// A write started waiting for its peer: the timer must include its deadline.
     Blocked,
 }
@@ -355,8 +283,8 @@ where
     // The leftovers are slices of hyper's handshake buffers: process them, then let
     // them go, so the buffers are not held for the life of the connection.
     for (leg, leftover) in [
-        (LegKind::Client, client.leftover),
-        (LegKind::Upstream, upstream.leftover),
+        (Leg::Client, client.leftover),
+        (Leg::Upstream, upstream.leftover),
     ] {
         if !leftover.is_empty() {
             relay.process(leg, &leftover);
@@ -444,23 +372,23 @@ where
             outcome: self.closing.map_or(Outcome::Error, |c| c.outcome),
             client_close_code: self.client.close_code,
             upstream_close_code: self.upstream.close_code,
-            dropped_to_client: self.dropped[leg_index(LegKind::Upstream)],
-            dropped_to_upstream: self.dropped[leg_index(LegKind::Client)],
+            dropped_to_client: self.dropped[leg_index(Leg::Upstream)],
+            dropped_to_upstream: self.dropped[leg_index(Leg::Client)],
         }
     }
 
-    fn side(&mut self, leg: LegKind) -> &mut Side {
+    fn side(&mut self, leg: Leg) -> &mut Side {
         match leg {
-            LegKind::Client => &mut self.client,
-            LegKind::Upstream => &mut self.upstream,
+            Leg::Client => &mut self.client,
+            Leg::Upstream => &mut self.upstream,
         }
     }
 
     /// The leg's side and the other leg's side.
-    fn sides(&mut self, leg: LegKind) -> (&mut Side, &mut Side) {
+    fn sides(&mut self, leg: Leg) -> (&mut Side, &mut Side) {
         match leg {
-            LegKind::Client => (&mut self.client, &mut self.upstream),
-            LegKind::Upstream => (&mut self.upstream, &mut self.client),
+            Leg::Client => (&mut self.client, &mut self.upstream),
+            Leg::Upstream => (&mut self.upstream, &mut self.client),
         }
     }
 
@@ -516,14 +444,14 @@ where
                 }
             };
         }
-        drive_writes!(self.client, self.client_io, LegKind::Client);
-        drive_writes!(self.upstream, self.upstream_io, LegKind::Upstream);
+        drive_writes!(self.client, self.client_io, Leg::Client);
+        drive_writes!(self.upstream, self.upstream_io, Leg::Upstream);
 
         self.client_first = !self.client_first;
         let order = if self.client_first {
-            [LegKind::Client, LegKind::Upstream]
+            [Leg::Client, Leg::Upstream]
         } else {
-            [LegKind::Upstream, LegKind::Client]
+            [Leg::Upstream, Leg::Client]
         };
         let mut storage = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
         for leg in order {
@@ -532,8 +460,8 @@ where
             }
             let mut buf = ReadBuf::uninit(&mut storage);
             let polled = match (leg, &mut self.client_io, &mut self.upstream_io) {
-                (LegKind::Client, Some(io), _) => Pin::new(io).poll_read(cx, &mut buf),
-                (LegKind::Upstream, _, Some(io)) => Pin::new(io).poll_read(cx, &mut buf),
+                (Leg::Client, Some(io), _) => Pin::new(io).poll_read(cx, &mut buf),
+                (Leg::Upstream, _, Some(io)) => Pin::new(io).poll_read(cx, &mut buf),
                 _ => continue,
             };
             match polled {
@@ -554,10 +482,10 @@ where
     /// Backpressure: a leg is read only when the other leg has taken everything
     /// forwarded to it, and this leg has taken wsbeat's own frames. While closing, a leg
     /// whose frames are being dropped is read freely (to see its close reply).
-    fn may_read(&self, leg: LegKind) -> bool {
+    fn may_read(&self, leg: Leg) -> bool {
         let (src, dst) = match leg {
-            LegKind::Client => (&self.client, &self.upstream),
-            LegKind::Upstream => (&self.upstream, &self.client),
+            Leg::Client => (&self.client, &self.upstream),
+            Leg::Upstream => (&self.upstream, &self.client),
         };
         let dropping = self.closing.is_some() && !src.passing;
         // Own frames waiting behind a half-forwarded frame count too: a peer that reads
@@ -569,25 +497,25 @@ where
 
     /// Whether `leg` is left unread only because the other leg has not yet taken what
     /// was forwarded to it.
-    fn held_back(&self, leg: LegKind) -> bool {
+    fn held_back(&self, leg: Leg) -> bool {
         let (src, dst) = match leg {
-            LegKind::Client => (&self.client, &self.upstream),
-            LegKind::Upstream => (&self.upstream, &self.client),
+            Leg::Client => (&self.client, &self.upstream),
+            Leg::Upstream => (&self.upstream, &self.client),
         };
         src.readable && dst.writable && !dst.out.is_empty()
     }
 
     /// Parses bytes read from `leg`, forwarding data frames to the other leg. Counters
     /// are added up here and published once per read, not once per message.
-    fn process(&mut self, leg: LegKind, mut data: &[u8]) {
+    fn process(&mut self, leg: Leg, mut data: &[u8]) {
         let now = Instant::now();
         match leg {
-            LegKind::Client => {
+            Leg::Client => {
                 let gap = self.heartbeat.on_client_frame(now);
                 self.ctx.metrics.client_silence.observe(gap.as_secs_f64());
                 self.ctx.view.client_frame_at(now);
             }
-            LegKind::Upstream => self.heartbeat.on_upstream_frame(now),
+            Leg::Upstream => self.heartbeat.on_upstream_frame(now),
         }
         let mut payload_bytes = 0u64;
         while !data.is_empty() {
@@ -616,13 +544,13 @@ where
             }
         }
         let (bytes_metric, bytes_view, messages_metric, messages_view) = match leg {
-            LegKind::Client => (
+            Leg::Client => (
                 &self.ctx.metrics.bytes_to_upstream,
                 &self.ctx.view.bytes_to_upstream,
                 &self.ctx.metrics.messages_to_upstream,
                 &self.ctx.view.messages_to_upstream,
             ),
-            LegKind::Upstream => (
+            Leg::Upstream => (
                 &self.ctx.metrics.bytes_to_client,
                 &self.ctx.view.bytes_to_client,
                 &self.ctx.metrics.messages_to_client,
@@ -643,7 +571,7 @@ where
     }
 
     /// A data frame from `leg` has been forwarded (or dropped) completely.
-    fn on_data_frame_end(&mut self, leg: LegKind, fin: bool, text: bool, now: Instant) {
+    fn on_data_frame_end(&mut self, leg: Leg, fin: bool, text: bool, now: Instant) {
         let forwarded = self.side(leg).passing;
         if fin && forwarded {
             self.messages_this_read[usize::from(!text)] += 1;
@@ -656,7 +584,7 @@ where
             let mut deferred = std::mem::take(&mut dst.deferred);
             dst.out.append(&mut deferred);
         }
-        if fin && leg == LegKind::Upstream {
+        if fin && leg == Leg::Upstream {
             if forwarded {
                 self.heartbeat.on_sent_to_client(now);
             }
@@ -667,7 +595,7 @@ where
         }
     }
 
-    fn on_frame_event(&mut self, leg: LegKind, event: FrameEvent, now: Instant) {
+    fn on_frame_event(&mut self, leg: Leg, event: FrameEvent, now: Instant) {
         match event {
             FrameEvent::DataFrameEnd { fin, text } => self.on_data_frame_end(leg, fin, text, now),
             FrameEvent::HeartbeatDropped => {
@@ -683,12 +611,12 @@ where
                 let i = leg_index(leg);
                 self.ctx.metrics.pongs_received[i].inc();
                 let rtt = match leg {
-                    LegKind::Client => self.heartbeat.on_pong(&payload, now),
-                    LegKind::Upstream => self.heartbeat.on_upstream_pong(&payload, now),
+                    Leg::Client => self.heartbeat.on_pong(&payload, now),
+                    Leg::Upstream => self.heartbeat.on_upstream_pong(&payload, now),
                 };
                 if let Some(rtt) = rtt {
                     self.ctx.metrics.pong_rtt[i].observe(rtt.as_secs_f64());
-                    if leg == LegKind::Client {
+                    if leg == Leg::Client {
                         self.ctx.view.set_pong_rtt(rtt);
                     }
                 }
@@ -700,7 +628,7 @@ where
 
     /// Queues one of wsbeat's own frames for `to`: now if the stream into it is between
     /// frames, else after the frame being forwarded. Nothing follows a close frame.
-    fn send_own(&mut self, to: LegKind, opcode: u8, payload: &[u8]) {
+    fn send_own(&mut self, to: Leg, opcode: u8, payload: &[u8]) {
         let (target, feeder) = self.sides(to);
         if target.close_sent || !target.writable {
             return;
@@ -718,7 +646,7 @@ where
     }
 
     /// Queues a close frame for `to` and records its code.
-    fn send_close(&mut self, to: LegKind, code: u16, reason: &str) {
+    fn send_close(&mut self, to: Leg, code: u16, reason: &str) {
         let side = self.side(to);
         if side.close_sent || !side.writable {
             return;
@@ -739,7 +667,7 @@ where
             self.client.heartbeat_waiting = true;
             return;
         }
-        self.send_own(LegKind::Client, frame::OP_TEXT, message.as_bytes());
+        self.send_own(Leg::Client, frame::OP_TEXT, message.as_bytes());
         self.ctx.metrics.heartbeats_sent.inc();
         self.ctx
             .view
@@ -747,7 +675,7 @@ where
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    fn on_close_frame(&mut self, leg: LegKind, frame: Option<(u16, String)>, now: Instant) {
+    fn on_close_frame(&mut self, leg: Leg, frame: Option<(u16, String)>, now: Instant) {
         let (code, reason) = frame.unwrap_or((close::NO_STATUS, String::new()));
         let side = self.side(leg);
         side.close_received = true;
@@ -760,35 +688,35 @@ where
         self.send_own(leg, frame::OP_CLOSE, &frame::close_payload(code, &reason));
         self.send_close(leg.other(), code, &reason);
         let forwarded = match leg {
-            LegKind::Client => &self.ctx.metrics.messages_to_upstream,
-            LegKind::Upstream => &self.ctx.metrics.messages_to_client,
+            Leg::Client => &self.ctx.metrics.messages_to_upstream,
+            Leg::Upstream => &self.ctx.metrics.messages_to_client,
         };
         forwarded[2].inc();
         let outcome = match leg {
-            LegKind::Client => Outcome::ClientClose,
-            LegKind::Upstream => Outcome::UpstreamClose,
+            Leg::Client => Outcome::ClientClose,
+            Leg::Upstream => Outcome::UpstreamClose,
         };
         self.begin_closing(outcome, now);
     }
 
     /// The peer broke the protocol: tell it why and close the other leg.
-    fn on_violation(&mut self, leg: LegKind, v: Violation, now: Instant) {
+    fn on_violation(&mut self, leg: Leg, v: Violation, now: Instant) {
         tracing::debug!(leg = leg.as_str(), reason = v.reason, "protocol violation");
         self.side(leg).readable = false;
         self.send_close(leg, v.code, v.reason);
         match leg {
-            LegKind::Client => self.send_close(
-                LegKind::Upstream,
+            Leg::Client => self.send_close(
+                Leg::Upstream,
                 close::GOING_AWAY,
                 "client violated the protocol",
             ),
-            LegKind::Upstream => {
+            Leg::Upstream => {
                 let code = if v.code == close::TOO_BIG {
                     close::TOO_BIG
                 } else {
                     close::INTERNAL_ERROR
                 };
-                self.send_close(LegKind::Client, code, "upstream violated the protocol");
+                self.send_close(Leg::Client, code, "upstream violated the protocol");
             }
         }
         self.begin_closing(Outcome::Error, now);
@@ -815,23 +743,23 @@ where
 
     /// A peer vanished (reset, EOF without close, write error): abandon it and close the
     /// other leg (client gone → 1001, upstream gone → 1011).
-    fn on_leg_lost(&mut self, leg: LegKind) {
+    fn on_leg_lost(&mut self, leg: Leg) {
         self.side(leg).abandon();
         if self.closing.is_some() {
             return;
         }
         let now = Instant::now();
         match leg {
-            LegKind::Client => {
-                self.send_close(LegKind::Upstream, close::GOING_AWAY, "client went away");
+            Leg::Client => {
+                self.send_close(Leg::Upstream, close::GOING_AWAY, "client went away");
                 self.begin_closing(Outcome::ClientClose, now);
             }
-            LegKind::Upstream => {
+            Leg::Upstream => {
                 // A backend that crashed or reset the connection: an upstream failure,
                 // though the outcome stays `upstream_close` (the upstream ended it).
                 self.ctx.metrics.upstream_lost.inc();
                 self.send_close(
-                    LegKind::Client,
+                    Leg::Client,
                     close::INTERNAL_ERROR,
                     "upstream connection lost",
                 );
@@ -855,10 +783,10 @@ where
     /// frame (it would be read as payload). Waiting for the grace period changes
     /// nothing, so that leg is cut at once.
     fn cut_unfinishable_frames(&mut self) {
-        for leg in [LegKind::Client, LegKind::Upstream] {
+        for leg in [Leg::Client, Leg::Upstream] {
             let target_open = match leg.other() {
-                LegKind::Client => self.client_io.is_some(),
-                LegKind::Upstream => self.upstream_io.is_some(),
+                Leg::Client => self.client_io.is_some(),
+                Leg::Upstream => self.upstream_io.is_some(),
             };
             let feeder = self.side(leg);
             if target_open && !feeder.readable && feeder.passing && feeder.parser.mid_frame() {
@@ -870,19 +798,19 @@ where
     /// Ends `leg`'s connection now, without a close frame: its socket is dropped (the
     /// peer sees its TCP end). A close waiting behind the cut frame is forgotten with
     /// its code, so the leg counts as 1006 (unless its peer had sent its own close).
-    fn cut(&mut self, leg: LegKind) {
+    fn cut(&mut self, leg: Leg) {
         tracing::debug!(leg = leg.as_str(), "cut in the middle of a frame");
         self.side(leg).abandon();
         match leg {
-            LegKind::Client => self.client_io = None,
-            LegKind::Upstream => self.upstream_io = None,
+            Leg::Client => self.client_io = None,
+            Leg::Upstream => self.upstream_io = None,
         }
     }
 
     /// A peer declared dead by liveness: if it stopped in the middle of a frame toward
     /// the other leg, nothing more is read from it (it would have to finish that frame
     /// before any close reply), and that leg is cut.
-    fn stop_reading_if_mid_frame(&mut self, dead: LegKind) {
+    fn stop_reading_if_mid_frame(&mut self, dead: Leg) {
         let side = self.side(dead);
         if side.passing && side.parser.mid_frame() {
             side.readable = false;
@@ -894,11 +822,7 @@ where
     /// to the upstream. Whatever either peer sent before its close reached the other
     /// side, except upstream messages that crossed the client's close.
     fn on_shutdown(&mut self) {
-        self.send_close(
-            LegKind::Client,
-            close::GOING_AWAY,
-            "wsbeat is shutting down",
-        );
+        self.send_close(Leg::Client, close::GOING_AWAY, "wsbeat is shutting down");
         self.upstream_close_waits = true;
         let now = Instant::now();
         self.begin_closing(Outcome::Shutdown, now);
@@ -913,11 +837,7 @@ where
     fn advance_drain(&mut self) {
         if self.upstream_close_waits && !self.client.readable {
             self.upstream_close_waits = false;
-            self.send_close(
-                LegKind::Upstream,
-                close::GOING_AWAY,
-                "wsbeat is shutting down",
-            );
+            self.send_close(Leg::Upstream, close::GOING_AWAY, "wsbeat is shutting down");
             if let Some(c) = &mut self.closing {
                 c.deadline = Instant::now() + CLOSE_GRACE;
             }
@@ -943,13 +863,13 @@ where
         if stalled(self.client.blocked_since) {
             tracing::debug!("client took no bytes for the write timeout");
             self.client.abandon();
-            self.send_close(LegKind::Upstream, close::GOING_AWAY, "client too slow");
+            self.send_close(Leg::Upstream, close::GOING_AWAY, "client too slow");
             self.begin_closing(Outcome::Error, now);
         }
         if stalled(self.upstream.blocked_since) {
             tracing::debug!("upstream took no bytes for the write timeout");
             self.upstream.abandon();
-            self.send_close(LegKind::Client, close::INTERNAL_ERROR, "upstream too slow");
+            self.send_close(Leg::Client, close::INTERNAL_ERROR, "upstream too slow");
             self.begin_closing(Outcome::Error, now);
         }
         if self.closing.is_some() {
@@ -958,10 +878,10 @@ where
         // A leg held back by backpressure is not read, so its PONGs go unseen: that
         // silence is the other leg's doing (closed at write_timeout if it takes nothing),
         // not a sign that this peer is dead.
-        if self.held_back(LegKind::Client) {
+        if self.held_back(Leg::Client) {
             self.heartbeat.on_client_frame(now);
         }
-        if self.held_back(LegKind::Upstream) {
+        if self.held_back(Leg::Upstream) {
             self.heartbeat.on_upstream_frame(now);
         }
         loop {
@@ -970,33 +890,29 @@ where
                 Action::SendHeartbeat => self.send_heartbeat(),
                 Action::PingClient(payload) => {
                     self.ctx.metrics.pings_sent[0].inc();
-                    self.send_own(LegKind::Client, frame::OP_PING, &payload);
+                    self.send_own(Leg::Client, frame::OP_PING, &payload);
                 }
                 Action::PingUpstream(payload) => {
                     self.ctx.metrics.pings_sent[1].inc();
-                    self.send_own(LegKind::Upstream, frame::OP_PING, &payload);
+                    self.send_own(Leg::Upstream, frame::OP_PING, &payload);
                 }
                 Action::ClientDead => {
                     self.ctx.metrics.liveness_timeouts[0].inc();
-                    self.stop_reading_if_mid_frame(LegKind::Client);
+                    self.stop_reading_if_mid_frame(Leg::Client);
                     // The backend frees its resources first (its connection is cut instead
                     // when the client died in the middle of a frame toward it); the client
                     // gets a close it will probably never read, and CLOSE_GRACE later the
                     // socket is gone.
-                    self.send_close(LegKind::Upstream, close::GOING_AWAY, "client unresponsive");
-                    self.send_close(LegKind::Client, close::GOING_AWAY, "no answer to pings");
+                    self.send_close(Leg::Upstream, close::GOING_AWAY, "client unresponsive");
+                    self.send_close(Leg::Client, close::GOING_AWAY, "no answer to pings");
                     self.begin_closing(Outcome::ClientDead, now);
                     break;
                 }
                 Action::UpstreamDead => {
                     self.ctx.metrics.liveness_timeouts[1].inc();
-                    self.stop_reading_if_mid_frame(LegKind::Upstream);
-                    self.send_close(LegKind::Upstream, close::GOING_AWAY, "no answer to pings");
-                    self.send_close(
-                        LegKind::Client,
-                        close::INTERNAL_ERROR,
-                        "upstream unresponsive",
-                    );
+                    self.stop_reading_if_mid_frame(Leg::Upstream);
+                    self.send_close(Leg::Upstream, close::GOING_AWAY, "no answer to pings");
+                    self.send_close(Leg::Client, close::INTERNAL_ERROR, "upstream unresponsive");
                     self.begin_closing(Outcome::UpstreamDead, now);
                     break;
                 }
@@ -1088,10 +1004,10 @@ mod tests {
 
     /// The code of the first close frame in what the relay sent `to` (masked frames to
     /// the upstream), read with the relay's own parser.
-    fn close_code(to: LegKind, mut bytes: &[u8]) -> Option<u16> {
+    fn close_code(to: Leg, mut bytes: &[u8]) -> Option<u16> {
         let sender = match to {
-            LegKind::Client => Sender::Server,
-            LegKind::Upstream => Sender::Client,
+            Leg::Client => Sender::Server,
+            Leg::Upstream => Sender::Client,
         };
         let mut parser = Parser::new(sender, u64::MAX, None);
         while !bytes.is_empty() {
@@ -1145,10 +1061,7 @@ mod tests {
         // The upstream answers the close; the dead client never does.
         let mut close = vec![0; 2 + 4 + 2 + "client unresponsive".len()];
         h.upstream.read_exact(&mut close).await.unwrap();
-        assert_eq!(
-            close_code(LegKind::Upstream, &close),
-            Some(close::GOING_AWAY)
-        );
+        assert_eq!(close_code(Leg::Upstream, &close), Some(close::GOING_AWAY));
         let mut reply = Vec::new();
         encode(&mut reply, frame::OP_CLOSE, &1001u16.to_be_bytes(), None);
         h.upstream.write_all(&reply).await.unwrap();
@@ -1190,7 +1103,7 @@ mod tests {
         assert_eq!(ended, sent, "cut at once");
         let (to_client, _) = read_to_eof(&mut h.client).await;
         assert_eq!(
-            close_code(LegKind::Client, &to_client),
+            close_code(Leg::Client, &to_client),
             Some(close::INVALID_PAYLOAD)
         );
         let summary = h.relay.await.unwrap();
@@ -1233,7 +1146,7 @@ mod tests {
             "the client's connection ended {took:?} after the upstream fell silent"
         );
         assert_eq!(
-            close_code(LegKind::Client, &to_client),
+            close_code(Leg::Client, &to_client),
             None,
             "no close inside the frame"
         );
@@ -1282,7 +1195,7 @@ mod tests {
         h.upstream.write_all(&close).await.unwrap();
         let mut to_client = vec![0; 4];
         h.client.read_exact(&mut to_client).await.unwrap();
-        assert_eq!(close_code(LegKind::Client, &to_client), Some(4000));
+        assert_eq!(close_code(Leg::Client, &to_client), Some(4000));
         drop(h.client);
         let (rest, _) = read_to_eof(&mut h.upstream).await;
         assert!(rest.is_empty(), "no echo inside the frame: {rest:?}");
@@ -1339,7 +1252,7 @@ mod tests {
         to_upstream.truncate(n);
         let took = started.elapsed();
         assert_eq!(
-            close_code(LegKind::Upstream, &to_upstream),
+            close_code(Leg::Upstream, &to_upstream),
             Some(close::GOING_AWAY)
         );
         assert!(

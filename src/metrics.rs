@@ -11,7 +11,7 @@ use prometheus::{
 use tokio::time::Instant;
 
 use crate::config::Routes;
-use crate::conn::{self, ConnectionView, Leg, Outcome, Summary};
+use crate::conn::{self, ConnectionView, Leg, Outcome, PerLeg, Summary};
 
 /// Per-connection series are exported for at most this many connections (the oldest).
 pub const PER_CONNECTION_CAP: usize = 1000;
@@ -294,42 +294,32 @@ impl Metrics {
 
     /// The handles one connection updates, resolved once for its route.
     pub fn for_route(&self, route: &str) -> ConnMetrics {
-        let msg = |direction: &str, kind: &str| {
-            self.messages.with_label_values(&[route, direction, kind])
+        // `direction` is the leg a message goes to.
+        let direction = |to: Leg| match to {
+            Leg::Client => "to_client",
+            Leg::Upstream => "to_upstream",
+        };
+        let msg = |to: Leg, kind: &str| {
+            self.messages
+                .with_label_values(&[route, direction(to), kind])
+        };
+        let by_leg = |family: &IntCounterVec| {
+            PerLeg::new(|leg| family.with_label_values(&[route, leg.as_str()]))
         };
         ConnMetrics {
             heartbeats_sent: self.heartbeats_sent.with_label_values(&[route]),
             client_heartbeats_dropped: self.client_heartbeats_dropped.with_label_values(&[route]),
-            pings_sent: [
-                self.pings_sent.with_label_values(&[route, "client"]),
-                self.pings_sent.with_label_values(&[route, "upstream"]),
-            ],
-            pongs_received: [
-                self.pongs_received.with_label_values(&[route, "client"]),
-                self.pongs_received.with_label_values(&[route, "upstream"]),
-            ],
-            pong_rtt: [
-                self.pong_rtt.with_label_values(&[route, "client"]),
-                self.pong_rtt.with_label_values(&[route, "upstream"]),
-            ],
-            liveness_timeouts: [
-                self.liveness_timeouts.with_label_values(&[route, "client"]),
-                self.liveness_timeouts
-                    .with_label_values(&[route, "upstream"]),
-            ],
+            pings_sent: by_leg(&self.pings_sent),
+            pongs_received: by_leg(&self.pongs_received),
+            pong_rtt: PerLeg::new(|leg| self.pong_rtt.with_label_values(&[route, leg.as_str()])),
+            liveness_timeouts: by_leg(&self.liveness_timeouts),
             client_silence: self.client_silence.with_label_values(&[route]),
-            messages_to_client: [
-                msg("to_client", "text"),
-                msg("to_client", "binary"),
-                msg("to_client", "close"),
-            ],
-            messages_to_upstream: [
-                msg("to_upstream", "text"),
-                msg("to_upstream", "binary"),
-                msg("to_upstream", "close"),
-            ],
-            bytes_to_client: self.bytes.with_label_values(&[route, "to_client"]),
-            bytes_to_upstream: self.bytes.with_label_values(&[route, "to_upstream"]),
+            messages_to: PerLeg::new(|to| MessageCounters {
+                text: msg(to, "text"),
+                binary: msg(to, "binary"),
+                close: msg(to, "close"),
+            }),
+            bytes_to: PerLeg::new(|to| self.bytes.with_label_values(&[route, direction(to)])),
             upstream_lost: self.upstream_errors.with_label_values(&[route, "lost"]),
         }
     }
@@ -398,22 +388,29 @@ impl Metrics {
     }
 }
 
-/// The handles a connection updates, indexed `[client, upstream]` where there is a leg
-/// and `[text, binary, close]` for message kinds.
+/// The handles a connection updates, per leg where the family has a `leg` label, and
+/// per destination leg (`direction`) for what is forwarded.
 pub struct ConnMetrics {
     pub heartbeats_sent: IntCounter,
     pub client_heartbeats_dropped: IntCounter,
-    pub pings_sent: [IntCounter; 2],
-    pub pongs_received: [IntCounter; 2],
-    pub pong_rtt: [Histogram; 2],
-    pub liveness_timeouts: [IntCounter; 2],
+    pub pings_sent: PerLeg<IntCounter>,
+    pub pongs_received: PerLeg<IntCounter>,
+    pub pong_rtt: PerLeg<Histogram>,
+    pub liveness_timeouts: PerLeg<IntCounter>,
     pub client_silence: Histogram,
-    pub messages_to_client: [IntCounter; 3],
-    pub messages_to_upstream: [IntCounter; 3],
-    pub bytes_to_client: IntCounter,
-    pub bytes_to_upstream: IntCounter,
+    /// `wsbeat_messages_total`, by the leg the messages go to.
+    pub messages_to: PerLeg<MessageCounters>,
+    /// `wsbeat_bytes_total`, by the leg the bytes go to.
+    pub bytes_to: PerLeg<IntCounter>,
     /// `wsbeat_upstream_errors_total{reason="lost"}`.
     pub upstream_lost: IntCounter,
+}
+
+/// `wsbeat_messages_total` of one direction, by `kind`.
+pub struct MessageCounters {
+    pub text: IntCounter,
+    pub binary: IntCounter,
+    pub close: IntCounter,
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Route;
-use crate::conn::{ConnectionView, Leg, Outcome, Summary};
+use crate::conn::{ConnectionView, Leg, Outcome, PerLeg, Summary};
 use crate::frame::{self, close, encode, Event as FrameEvent, Parser, Sender, Violation};
 use crate::heartbeat::{Action, Heartbeat, Schedule};
 use crate::metrics::ConnMetrics;
@@ -76,8 +76,9 @@ pub struct RelayContext {
     pub started: Instant,
 }
 
-/// One leg's state, apart from its socket.
-struct Side {
+/// What wsbeat keeps of one leg's wire, apart from its socket: the parser of what the
+/// peer sends, the bytes going to it, and where its close handshake stands.
+struct Wire {
     /// Parses the frames this peer sends.
     parser: Parser,
     /// Bytes for this peer not yet written; empty and unallocated when idle.
@@ -108,9 +109,9 @@ struct Side {
     close_code: Option<u16>,
 }
 
-impl Side {
+impl Wire {
     fn new(parser: Parser, masks: bool) -> Self {
-        Side {
+        Wire {
             parser,
             out: Vec::new(),
             deferred: Vec::new(),
@@ -196,14 +197,6 @@ impl Side {
     }
 }
 
-/// Index of a leg in `ConnMetrics`' per-leg arrays.
-fn leg_index(leg: Leg) -> usize {
-    match leg {
-        Leg::Client => 0,
-        Leg::Upstream => 1,
-    }
-}
-
 /// Rounds `t` up to the next multiple of `TIMER_GRANULARITY` since a process-wide epoch.
 fn on_grid(t: Instant) -> Instant {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -264,19 +257,21 @@ where
     let mut relay = Box::new(Relay {
         client_io: Some(client.io),
         upstream_io: Some(upstream.io),
-        client: Side::new(
-            Parser::new(Sender::Client, ctx.max_message_size, heartbeat),
-            false,
-        ),
-        upstream: Side::new(
-            Parser::new(Sender::Server, ctx.max_message_size, None),
-            true,
-        ),
+        wires: PerLeg {
+            client: Wire::new(
+                Parser::new(Sender::Client, ctx.max_message_size, heartbeat),
+                false,
+            ),
+            upstream: Wire::new(
+                Parser::new(Sender::Server, ctx.max_message_size, None),
+                true,
+            ),
+        },
         heartbeat: Heartbeat::new(Schedule::for_route(&ctx.route), ctx.started),
         closing: None,
         upstream_close_waits: false,
-        dropped: [0; 2],
-        messages_this_read: [0; 2],
+        dropped: PerLeg::default(),
+        messages_this_read: Messages::default(),
         client_first: true,
         ctx,
     });
@@ -293,22 +288,28 @@ where
     relay.run()
 }
 
+/// Data messages forwarded, by kind.
+#[derive(Debug, Default)]
+struct Messages {
+    text: u64,
+    binary: u64,
+}
+
 struct Relay<C, U> {
     /// The legs' sockets; `None` once a leg is cut (see [`Relay::cut`]).
     client_io: Option<C>,
     upstream_io: Option<U>,
-    client: Side,
-    upstream: Side,
+    wires: PerLeg<Wire>,
     heartbeat: Heartbeat,
     closing: Option<Closing>,
     /// Draining: the upstream's close waits until the client has answered its own, so
     /// that every message the client sent before it saw the close reaches the upstream.
     upstream_close_waits: bool,
     /// Data messages dropped because the other leg was closed, by source leg.
-    dropped: [u64; 2],
-    /// Messages forwarded during the read being processed, `[text, binary]`: published
-    /// to the counters once per read, not once per message.
-    messages_this_read: [u64; 2],
+    dropped: PerLeg<u64>,
+    /// Messages forwarded during the read being processed: published to the counters
+    /// once per read, not once per message.
+    messages_this_read: Messages,
     /// Alternates which leg is read first, so a busy leg cannot starve the other.
     client_first: bool,
     ctx: RelayContext,
@@ -326,7 +327,7 @@ where
         let timer = tokio::time::sleep_until(armed);
         tokio::pin!(timer);
 
-        while !(self.client.finished() && self.upstream.finished()) {
+        while !(self.wires.client.finished() && self.wires.upstream.finished()) {
             tokio::select! {
                 biased;
                 _ = &mut shutdown, if self.closing.is_none() => self.on_shutdown(),
@@ -362,33 +363,26 @@ where
         }
         // Half-close what is still open, so the peers see FIN after the close frame.
         let grace = Duration::from_millis(100);
-        if let Some(io) = self.client_io.as_mut().filter(|_| self.client.writable) {
+        if let Some(io) = self
+            .client_io
+            .as_mut()
+            .filter(|_| self.wires.client.writable)
+        {
             let _ = tokio::time::timeout(grace, io.shutdown()).await;
         }
-        if let Some(io) = self.upstream_io.as_mut().filter(|_| self.upstream.writable) {
+        if let Some(io) = self
+            .upstream_io
+            .as_mut()
+            .filter(|_| self.wires.upstream.writable)
+        {
             let _ = tokio::time::timeout(grace, io.shutdown()).await;
         }
         Summary {
             outcome: self.closing.map_or(Outcome::Error, |c| c.outcome),
-            client_close_code: self.client.close_code,
-            upstream_close_code: self.upstream.close_code,
-            dropped_to_client: self.dropped[leg_index(Leg::Upstream)],
-            dropped_to_upstream: self.dropped[leg_index(Leg::Client)],
-        }
-    }
-
-    fn side(&mut self, leg: Leg) -> &mut Side {
-        match leg {
-            Leg::Client => &mut self.client,
-            Leg::Upstream => &mut self.upstream,
-        }
-    }
-
-    /// The leg's side and the other leg's side.
-    fn sides(&mut self, leg: Leg) -> (&mut Side, &mut Side) {
-        match leg {
-            Leg::Client => (&mut self.client, &mut self.upstream),
-            Leg::Upstream => (&mut self.upstream, &mut self.client),
+            client_close_code: self.wires.client.close_code,
+            upstream_close_code: self.wires.upstream.close_code,
+            dropped_to_client: self.dropped.upstream,
+            dropped_to_upstream: self.dropped.client,
         }
     }
 
@@ -405,9 +399,12 @@ where
                 .next_deadline()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400)),
         };
-        for blocked in [self.client.blocked_since, self.upstream.blocked_since]
-            .into_iter()
-            .flatten()
+        for blocked in [
+            self.wires.client.blocked_since,
+            self.wires.upstream.blocked_since,
+        ]
+        .into_iter()
+        .flatten()
         {
             d = d.min(blocked + self.ctx.write_timeout);
         }
@@ -428,15 +425,15 @@ where
     /// Drives writes on both legs, then reads from whichever leg may be read.
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         macro_rules! drive_writes {
-            ($side:expr, $io:expr, $leg:expr) => {
+            ($wire:expr, $io:expr, $leg:expr) => {
                 // A cut leg has no socket left to write.
                 if let Some(io) = $io.as_mut() {
-                    match $side.poll_drain(io, cx) {
-                        Poll::Ready(Ok(())) => $side.blocked_since = None,
+                    match $wire.poll_drain(io, cx) {
+                        Poll::Ready(Ok(())) => $wire.blocked_since = None,
                         Poll::Ready(Err(e)) => return Poll::Ready(Event::WriteFailed($leg, e)),
                         Poll::Pending => {
-                            if $side.blocked_since.is_none() {
-                                $side.blocked_since = Some(Instant::now());
+                            if $wire.blocked_since.is_none() {
+                                $wire.blocked_since = Some(Instant::now());
                                 return Poll::Ready(Event::Blocked);
                             }
                         }
@@ -444,8 +441,8 @@ where
                 }
             };
         }
-        drive_writes!(self.client, self.client_io, Leg::Client);
-        drive_writes!(self.upstream, self.upstream_io, Leg::Upstream);
+        drive_writes!(self.wires.client, self.client_io, Leg::Client);
+        drive_writes!(self.wires.upstream, self.upstream_io, Leg::Upstream);
 
         self.client_first = !self.client_first;
         let order = if self.client_first {
@@ -483,10 +480,7 @@ where
     /// forwarded to it, and this leg has taken wsbeat's own frames. While closing, a leg
     /// whose frames are being dropped is read freely (to see its close reply).
     fn may_read(&self, leg: Leg) -> bool {
-        let (src, dst) = match leg {
-            Leg::Client => (&self.client, &self.upstream),
-            Leg::Upstream => (&self.upstream, &self.client),
-        };
+        let (src, dst) = (&self.wires[leg], &self.wires[leg.other()]);
         let dropping = self.closing.is_some() && !src.passing;
         // Own frames waiting behind a half-forwarded frame count too: a peer that reads
         // a long frame slowly while flooding PINGs must not pile up PONGs without bound.
@@ -498,10 +492,7 @@ where
     /// Whether `leg` is left unread only because the other leg has not yet taken what
     /// was forwarded to it.
     fn held_back(&self, leg: Leg) -> bool {
-        let (src, dst) = match leg {
-            Leg::Client => (&self.client, &self.upstream),
-            Leg::Upstream => (&self.upstream, &self.client),
-        };
+        let (src, dst) = (&self.wires[leg], &self.wires[leg.other()]);
         src.readable && dst.writable && !dst.out.is_empty()
     }
 
@@ -519,7 +510,7 @@ where
         }
         let mut payload_bytes = 0u64;
         while !data.is_empty() {
-            let (src, dst) = self.sides(leg);
+            let (src, dst) = self.wires.pair_mut(leg);
             // Once a close frame is queued for `dst` nothing may follow it; until then
             // frames pass, even while closing (a drain forwards the client's last words).
             let dst_open = dst.writable && !dst.close_sent;
@@ -539,46 +530,46 @@ where
             if let Some(event) = event {
                 self.on_frame_event(leg, event, now);
             }
-            if !self.side(leg).readable {
+            if !self.wires[leg].readable {
                 break;
             }
         }
-        let (bytes_metric, bytes_view, messages_metric, messages_view) = match leg {
-            Leg::Client => (
-                &self.ctx.metrics.bytes_to_upstream,
-                &self.ctx.view.bytes_to_upstream,
-                &self.ctx.metrics.messages_to_upstream,
-                &self.ctx.view.messages_to_upstream,
-            ),
-            Leg::Upstream => (
-                &self.ctx.metrics.bytes_to_client,
-                &self.ctx.view.bytes_to_client,
-                &self.ctx.metrics.messages_to_client,
-                &self.ctx.view.messages_to_client,
-            ),
-        };
+        let to = leg.other();
         if payload_bytes > 0 {
-            bytes_metric.inc_by(payload_bytes);
-            bytes_view.fetch_add(payload_bytes, Ordering::Relaxed);
+            self.ctx.metrics.bytes_to[to].inc_by(payload_bytes);
+            self.ctx
+                .view
+                .bytes_to(to)
+                .fetch_add(payload_bytes, Ordering::Relaxed);
         }
         let messages = std::mem::take(&mut self.messages_this_read);
-        for (kind, n) in messages.into_iter().enumerate() {
+        let counters = &self.ctx.metrics.messages_to[to];
+        for (counter, n) in [
+            (&counters.text, messages.text),
+            (&counters.binary, messages.binary),
+        ] {
             if n > 0 {
-                messages_metric[kind].inc_by(n);
-                messages_view.fetch_add(n, Ordering::Relaxed);
+                counter.inc_by(n);
+                self.ctx
+                    .view
+                    .messages_to(to)
+                    .fetch_add(n, Ordering::Relaxed);
             }
         }
     }
 
     /// A data frame from `leg` has been forwarded (or dropped) completely.
     fn on_data_frame_end(&mut self, leg: Leg, fin: bool, text: bool, now: Instant) {
-        let forwarded = self.side(leg).passing;
+        let forwarded = self.wires[leg].passing;
         if fin && forwarded {
-            self.messages_this_read[usize::from(!text)] += 1;
+            match text {
+                true => self.messages_this_read.text += 1,
+                false => self.messages_this_read.binary += 1,
+            }
         } else if fin {
-            self.dropped[leg_index(leg)] += 1;
+            self.dropped[leg] += 1;
         }
-        let (_, dst) = self.sides(leg);
+        let dst = &mut self.wires[leg.other()];
         // The frame into `dst` is complete: its waiting frames may follow.
         if !dst.deferred.is_empty() {
             let mut deferred = std::mem::take(&mut dst.deferred);
@@ -588,8 +579,8 @@ where
             if forwarded {
                 self.heartbeat.on_sent_to_client(now);
             }
-            if self.client.heartbeat_waiting {
-                self.client.heartbeat_waiting = false;
+            if self.wires.client.heartbeat_waiting {
+                self.wires.client.heartbeat_waiting = false;
                 self.send_heartbeat();
             }
         }
@@ -608,14 +599,13 @@ where
             // PING/PONG are hop-by-hop: answered here, never forwarded.
             FrameEvent::Ping(payload) => self.send_own(leg, frame::OP_PONG, &payload),
             FrameEvent::Pong(payload) => {
-                let i = leg_index(leg);
-                self.ctx.metrics.pongs_received[i].inc();
+                self.ctx.metrics.pongs_received[leg].inc();
                 let rtt = match leg {
                     Leg::Client => self.heartbeat.on_pong(&payload, now),
                     Leg::Upstream => self.heartbeat.on_upstream_pong(&payload, now),
                 };
                 if let Some(rtt) = rtt {
-                    self.ctx.metrics.pong_rtt[i].observe(rtt.as_secs_f64());
+                    self.ctx.metrics.pong_rtt[leg].observe(rtt.as_secs_f64());
                     if leg == Leg::Client {
                         self.ctx.view.set_pong_rtt(rtt);
                     }
@@ -629,7 +619,7 @@ where
     /// Queues one of wsbeat's own frames for `to`: now if the stream into it is between
     /// frames, else after the frame being forwarded. Nothing follows a close frame.
     fn send_own(&mut self, to: Leg, opcode: u8, payload: &[u8]) {
-        let (target, feeder) = self.sides(to);
+        let (target, feeder) = self.wires.pair_mut(to);
         if target.close_sent || !target.writable {
             return;
         }
@@ -647,11 +637,11 @@ where
 
     /// Queues a close frame for `to` and records its code.
     fn send_close(&mut self, to: Leg, code: u16, reason: &str) {
-        let side = self.side(to);
-        if side.close_sent || !side.writable {
+        let wire = &mut self.wires[to];
+        if wire.close_sent || !wire.writable {
             return;
         }
-        side.close_code.get_or_insert(code);
+        wire.close_code.get_or_insert(code);
         self.send_own(to, frame::OP_CLOSE, &frame::close_payload(code, reason));
     }
 
@@ -660,11 +650,12 @@ where
         let Some(message) = self.ctx.route.heartbeat.message.clone() else {
             return;
         };
-        if self.client.close_sent || !self.client.writable {
+        let (client, upstream) = (&mut self.wires.client, &self.wires.upstream);
+        if client.close_sent || !client.writable {
             return;
         }
-        if self.upstream.parser.mid_message() && self.upstream.passing {
-            self.client.heartbeat_waiting = true;
+        if upstream.parser.mid_message() && upstream.passing {
+            client.heartbeat_waiting = true;
             return;
         }
         self.send_own(Leg::Client, frame::OP_TEXT, message.as_bytes());
@@ -677,32 +668,24 @@ where
 
     fn on_close_frame(&mut self, leg: Leg, frame: Option<(u16, String)>, now: Instant) {
         let (code, reason) = frame.unwrap_or((close::NO_STATUS, String::new()));
-        let side = self.side(leg);
-        side.close_received = true;
-        side.readable = false;
-        if side.close_sent {
+        let wire = &mut self.wires[leg];
+        wire.close_received = true;
+        wire.readable = false;
+        if wire.close_sent {
             return; // the reply to our close
         }
-        side.close_code = Some(code);
+        wire.close_code = Some(code);
         // The peer started the close: echo it, and pass it on with its code and reason.
         self.send_own(leg, frame::OP_CLOSE, &frame::close_payload(code, &reason));
         self.send_close(leg.other(), code, &reason);
-        let forwarded = match leg {
-            Leg::Client => &self.ctx.metrics.messages_to_upstream,
-            Leg::Upstream => &self.ctx.metrics.messages_to_client,
-        };
-        forwarded[2].inc();
-        let outcome = match leg {
-            Leg::Client => Outcome::ClientClose,
-            Leg::Upstream => Outcome::UpstreamClose,
-        };
-        self.begin_closing(outcome, now);
+        self.ctx.metrics.messages_to[leg.other()].close.inc();
+        self.begin_closing(Outcome::closed_by(leg), now);
     }
 
     /// The peer broke the protocol: tell it why and close the other leg.
     fn on_violation(&mut self, leg: Leg, v: Violation, now: Instant) {
         tracing::debug!(leg = leg.as_str(), reason = v.reason, "protocol violation");
-        self.side(leg).readable = false;
+        self.wires[leg].readable = false;
         self.send_close(leg, v.code, v.reason);
         match leg {
             Leg::Client => self.send_close(
@@ -727,9 +710,9 @@ where
             Event::Progress | Event::Blocked => {}
             Event::Eof(leg) => {
                 let closing = self.closing.is_some();
-                let side = self.side(leg);
-                if side.close_received || (side.close_sent && closing) {
-                    side.readable = false;
+                let wire = &mut self.wires[leg];
+                if wire.close_received || (wire.close_sent && closing) {
+                    wire.readable = false;
                 } else {
                     self.on_leg_lost(leg);
                 }
@@ -744,7 +727,7 @@ where
     /// A peer vanished (reset, EOF without close, write error): abandon it and close the
     /// other leg (client gone → 1001, upstream gone → 1011).
     fn on_leg_lost(&mut self, leg: Leg) {
-        self.side(leg).abandon();
+        self.wires[leg].abandon();
         if self.closing.is_some() {
             return;
         }
@@ -788,7 +771,7 @@ where
                 Leg::Client => self.client_io.is_some(),
                 Leg::Upstream => self.upstream_io.is_some(),
             };
-            let feeder = self.side(leg);
+            let feeder = &self.wires[leg];
             if target_open && !feeder.readable && feeder.passing && feeder.parser.mid_frame() {
                 self.cut(leg.other());
             }
@@ -800,7 +783,7 @@ where
     /// its code, so the leg counts as 1006 (unless its peer had sent its own close).
     fn cut(&mut self, leg: Leg) {
         tracing::debug!(leg = leg.as_str(), "cut in the middle of a frame");
-        self.side(leg).abandon();
+        self.wires[leg].abandon();
         match leg {
             Leg::Client => self.client_io = None,
             Leg::Upstream => self.upstream_io = None,
@@ -811,9 +794,9 @@ where
     /// the other leg, nothing more is read from it (it would have to finish that frame
     /// before any close reply), and that leg is cut.
     fn stop_reading_if_mid_frame(&mut self, dead: Leg) {
-        let side = self.side(dead);
-        if side.passing && side.parser.mid_frame() {
-            side.readable = false;
+        let wire = &mut self.wires[dead];
+        if wire.passing && wire.parser.mid_frame() {
+            wire.readable = false;
         }
     }
 
@@ -835,7 +818,7 @@ where
     /// The second half of a drain: close the upstream once nothing more can come from
     /// the client, with a fresh grace period for its answer.
     fn advance_drain(&mut self) {
-        if self.upstream_close_waits && !self.client.readable {
+        if self.upstream_close_waits && !self.wires.client.readable {
             self.upstream_close_waits = false;
             self.send_close(Leg::Upstream, close::GOING_AWAY, "wsbeat is shutting down");
             if let Some(c) = &mut self.closing {
@@ -851,24 +834,24 @@ where
                 // The close handshake took too long: drop the sockets. A drain still
                 // owes the upstream its close: only the client is dropped, and
                 // advance_drain closes the upstream.
-                self.client.abandon();
+                self.wires.client.abandon();
                 if !self.upstream_close_waits {
-                    self.upstream.abandon();
+                    self.wires.upstream.abandon();
                 }
                 return;
             }
         }
         let write_timeout = self.ctx.write_timeout;
         let stalled = |since: Option<Instant>| since.is_some_and(|t| now >= t + write_timeout);
-        if stalled(self.client.blocked_since) {
+        if stalled(self.wires.client.blocked_since) {
             tracing::debug!("client took no bytes for the write timeout");
-            self.client.abandon();
+            self.wires.client.abandon();
             self.send_close(Leg::Upstream, close::GOING_AWAY, "client too slow");
             self.begin_closing(Outcome::Error, now);
         }
-        if stalled(self.upstream.blocked_since) {
+        if stalled(self.wires.upstream.blocked_since) {
             tracing::debug!("upstream took no bytes for the write timeout");
-            self.upstream.abandon();
+            self.wires.upstream.abandon();
             self.send_close(Leg::Client, close::INTERNAL_ERROR, "upstream too slow");
             self.begin_closing(Outcome::Error, now);
         }
@@ -889,15 +872,15 @@ where
                 Action::Idle => break,
                 Action::SendHeartbeat => self.send_heartbeat(),
                 Action::PingClient(payload) => {
-                    self.ctx.metrics.pings_sent[0].inc();
+                    self.ctx.metrics.pings_sent.client.inc();
                     self.send_own(Leg::Client, frame::OP_PING, &payload);
                 }
                 Action::PingUpstream(payload) => {
-                    self.ctx.metrics.pings_sent[1].inc();
+                    self.ctx.metrics.pings_sent.upstream.inc();
                     self.send_own(Leg::Upstream, frame::OP_PING, &payload);
                 }
                 Action::ClientDead => {
-                    self.ctx.metrics.liveness_timeouts[0].inc();
+                    self.ctx.metrics.liveness_timeouts.client.inc();
                     self.stop_reading_if_mid_frame(Leg::Client);
                     // The backend frees its resources first (its connection is cut instead
                     // when the client died in the middle of a frame toward it); the client
@@ -909,7 +892,7 @@ where
                     break;
                 }
                 Action::UpstreamDead => {
-                    self.ctx.metrics.liveness_timeouts[1].inc();
+                    self.ctx.metrics.liveness_timeouts.upstream.inc();
                     self.stop_reading_if_mid_frame(Leg::Upstream);
                     self.send_close(Leg::Upstream, close::GOING_AWAY, "no answer to pings");
                     self.send_close(Leg::Client, close::INTERNAL_ERROR, "upstream unresponsive");

@@ -73,6 +73,7 @@ impl Admin {
                 let list: Vec<_> = self
                     .metrics
                     .connections()
+                    .list()
                     .iter()
                     .map(|c| c.to_json(now))
                     .collect();

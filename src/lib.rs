@@ -10,10 +10,12 @@
 //! - [`upstream`]: the upstream leg's handshake with the forwarded headers.
 //! - [`client_script`]: the browser client, served at `client_script` when configured.
 //! - [`passthrough`]: plain HTTP requests, proxied through a pooled client.
+//! - [`conn`]: the vocabulary of one connection (leaf): `Leg`, `PerLeg`, `Outcome`,
+//!   `Summary`, the live-connection registry behind `/connections`.
 //! - [`relay`]: the per-connection loop that holds both sockets.
 //! - [`frame`]: WebSocket frames on the wire: the validating parser and the encoder.
 //! - [`heartbeat`]: the heartbeat and liveness state machine (pure, no I/O).
-//! - [`metrics`]: the Prometheus families and the live-connection views.
+//! - [`metrics`]: the Prometheus families; owns the live-connection registry.
 //! - [`admin`]: `/metrics`, `/livez`, `/readyz`, `/connections` on their own listener.
 //! - [`tls`]: rustls configs for both legs, their certificates reloaded in the background,
 //!   the leg stream type.
@@ -23,6 +25,7 @@
 pub mod admin;
 pub mod client_script;
 pub mod config;
+pub mod conn;
 pub mod forwarding;
 pub mod frame;
 pub mod handshake;

@@ -1,12 +1,8 @@
 //! Prometheus metrics: one `Metrics` struct of handles, registered once and passed as
-//! `Arc`, and the live-connection views behind `/connections` and the per-connection
-//! series.
+//! `Arc`, holding the registry of live connections behind `/connections` and the
+//! per-connection series.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
@@ -15,20 +11,11 @@ use prometheus::{
 use tokio::time::Instant;
 
 use crate::config::Routes;
-use crate::relay::{LegKind, Outcome, Summary};
+use crate::conn::{self, ConnectionView, Leg, Outcome, PerLeg, Summary};
 
 /// Per-connection series are exported for at most this many connections (the oldest).
 pub const PER_CONNECTION_CAP: usize = 1000;
 
-const OUTCOMES: [Outcome; 6] = [
-    Outcome::ClientClose,
-    Outcome::UpstreamClose,
-    Outcome::ClientDead,
-    Outcome::UpstreamDead,
-    Outcome::Error,
-    Outcome::Shutdown,
-];
-const LEGS: [&str; 2] = ["client", "upstream"];
 const DIRECTIONS: [&str; 2] = ["to_client", "to_upstream"];
 const KINDS: [&str; 3] = ["text", "binary", "close"];
 /// `reason` label values of `wsbeat_upstream_errors_total`.
@@ -98,8 +85,8 @@ pub struct Metrics {
     pub tls_handshake_errors: IntCounterVec,
     connection_last_seen: GaugeVec,
     connection_pong_rtt: GaugeVec,
-    /// Live WebSockets by id; ids grow with time, so this is oldest first.
-    live: Mutex<BTreeMap<u64, Arc<ConnectionView>>>,
+    /// The live WebSockets, listed by `/connections` and the per-connection series.
+    live: conn::Registry,
     /// Held while rendering: the per-connection series are rebuilt at each scrape, and
     /// two overlapping scrapes must not see each other's half-built set.
     render: Mutex<()>,
@@ -270,7 +257,7 @@ impl Metrics {
                 "Last PONG round trip, per connection (metrics.per_connection).",
             ),
             registry: r,
-            live: Mutex::new(BTreeMap::new()),
+            live: conn::Registry::new(),
             render: Mutex::new(()),
         };
         for route in routes.all() {
@@ -284,11 +271,11 @@ impl Metrics {
             m.http_requests.with_label_values(&[name, "101"]);
             m.http_request_duration.with_label_values(&[name]);
             m.upstream_retries.with_label_values(&[name]);
-            for outcome in OUTCOMES {
+            for outcome in Outcome::ALL {
                 m.connections_total
                     .with_label_values(&[name, outcome.as_str()]);
             }
-            for leg in LEGS {
+            for leg in Leg::BOTH.map(Leg::as_str) {
                 m.pings_sent.with_label_values(&[name, leg]);
                 m.pongs_received.with_label_values(&[name, leg]);
                 m.pong_rtt.with_label_values(&[name, leg]);
@@ -304,7 +291,7 @@ impl Metrics {
                 m.upstream_errors.with_label_values(&[name, reason]);
             }
         }
-        for leg in LEGS {
+        for leg in Leg::BOTH.map(Leg::as_str) {
             m.tls_handshake_errors.with_label_values(&[leg]);
             for code in [1000u16, 1001, 1006, 1011] {
                 m.close_codes
@@ -316,42 +303,32 @@ impl Metrics {
 
     /// The handles one connection updates, resolved once for its route.
     pub fn for_route(&self, route: &str) -> ConnMetrics {
-        let msg = |direction: &str, kind: &str| {
-            self.messages.with_label_values(&[route, direction, kind])
+        // `direction` is the leg a message goes to.
+        let direction = |to: Leg| match to {
+            Leg::Client => "to_client",
+            Leg::Upstream => "to_upstream",
+        };
+        let msg = |to: Leg, kind: &str| {
+            self.messages
+                .with_label_values(&[route, direction(to), kind])
+        };
+        let by_leg = |family: &IntCounterVec| {
+            PerLeg::new(|leg| family.with_label_values(&[route, leg.as_str()]))
         };
         ConnMetrics {
             heartbeats_sent: self.heartbeats_sent.with_label_values(&[route]),
             client_heartbeats_dropped: self.client_heartbeats_dropped.with_label_values(&[route]),
-            pings_sent: [
-                self.pings_sent.with_label_values(&[route, "client"]),
-                self.pings_sent.with_label_values(&[route, "upstream"]),
-            ],
-            pongs_received: [
-                self.pongs_received.with_label_values(&[route, "client"]),
-                self.pongs_received.with_label_values(&[route, "upstream"]),
-            ],
-            pong_rtt: [
-                self.pong_rtt.with_label_values(&[route, "client"]),
-                self.pong_rtt.with_label_values(&[route, "upstream"]),
-            ],
-            liveness_timeouts: [
-                self.liveness_timeouts.with_label_values(&[route, "client"]),
-                self.liveness_timeouts
-                    .with_label_values(&[route, "upstream"]),
-            ],
+            pings_sent: by_leg(&self.pings_sent),
+            pongs_received: by_leg(&self.pongs_received),
+            pong_rtt: PerLeg::new(|leg| self.pong_rtt.with_label_values(&[route, leg.as_str()])),
+            liveness_timeouts: by_leg(&self.liveness_timeouts),
             client_silence: self.client_silence.with_label_values(&[route]),
-            messages_to_client: [
-                msg("to_client", "text"),
-                msg("to_client", "binary"),
-                msg("to_client", "close"),
-            ],
-            messages_to_upstream: [
-                msg("to_upstream", "text"),
-                msg("to_upstream", "binary"),
-                msg("to_upstream", "close"),
-            ],
-            bytes_to_client: self.bytes.with_label_values(&[route, "to_client"]),
-            bytes_to_upstream: self.bytes.with_label_values(&[route, "to_upstream"]),
+            messages_to: PerLeg::new(|to| MessageCounters {
+                text: msg(to, "text"),
+                binary: msg(to, "binary"),
+                close: msg(to, "close"),
+            }),
+            bytes_to: PerLeg::new(|to| self.bytes.with_label_values(&[route, direction(to)])),
             upstream_lost: self.upstream_errors.with_label_values(&[route, "lost"]),
         }
     }
@@ -361,19 +338,13 @@ impl Metrics {
         self.connections_active
             .with_label_values(&[&view.route])
             .inc();
-        self.live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(view.id, view);
+        self.live.insert(view);
     }
 
     /// A WebSocket ended: count how, and forget it.
     pub fn close(&self, view: &ConnectionView, summary: &Summary) {
         let route = view.route.as_str();
-        self.live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&view.id);
+        self.live.remove(view.id);
         self.connections_active.with_label_values(&[route]).dec();
         self.connections_total
             .with_label_values(&[route, summary.outcome.as_str()])
@@ -381,24 +352,16 @@ impl Metrics {
         self.connection_duration
             .with_label_values(&[route])
             .observe(view.started.elapsed().as_secs_f64());
-        for (leg, code) in [
-            (LegKind::Client, summary.client_close_code),
-            (LegKind::Upstream, summary.upstream_close_code),
-        ] {
+        for (leg, code) in summary.close_codes().iter() {
             self.close_codes
-                .with_label_values(&[leg.as_str(), &close_code_label(code)])
+                .with_label_values(&[leg.as_str(), &close_code_label(*code)])
                 .inc();
         }
     }
 
-    /// Snapshots of the live WebSockets, oldest first.
-    pub fn connections(&self) -> Vec<Arc<ConnectionView>> {
-        self.live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect()
+    /// The live WebSockets (`/connections`).
+    pub fn connections(&self) -> &conn::Registry {
+        &self.live
     }
 
     /// The Prometheus text exposition of every family.
@@ -420,7 +383,7 @@ impl Metrics {
         self.connection_last_seen.reset();
         self.connection_pong_rtt.reset();
         let now = Instant::now();
-        for view in self.connections().iter().take(PER_CONNECTION_CAP) {
+        for view in self.live.list().iter().take(PER_CONNECTION_CAP) {
             let conn = view.id.to_string();
             self.connection_last_seen
                 .with_label_values(&[&conn])
@@ -434,112 +397,29 @@ impl Metrics {
     }
 }
 
-/// The handles a connection updates, indexed `[client, upstream]` where there is a leg
-/// and `[text, binary, close]` for message kinds.
+/// The handles a connection updates, per leg where the family has a `leg` label, and
+/// per destination leg (`direction`) for what is forwarded.
 pub struct ConnMetrics {
     pub heartbeats_sent: IntCounter,
     pub client_heartbeats_dropped: IntCounter,
-    pub pings_sent: [IntCounter; 2],
-    pub pongs_received: [IntCounter; 2],
-    pub pong_rtt: [Histogram; 2],
-    pub liveness_timeouts: [IntCounter; 2],
+    pub pings_sent: PerLeg<IntCounter>,
+    pub pongs_received: PerLeg<IntCounter>,
+    pub pong_rtt: PerLeg<Histogram>,
+    pub liveness_timeouts: PerLeg<IntCounter>,
     pub client_silence: Histogram,
-    pub messages_to_client: [IntCounter; 3],
-    pub messages_to_upstream: [IntCounter; 3],
-    pub bytes_to_client: IntCounter,
-    pub bytes_to_upstream: IntCounter,
+    /// `wsbeat_messages_total`, by the leg the messages go to.
+    pub messages_to: PerLeg<MessageCounters>,
+    /// `wsbeat_bytes_total`, by the leg the bytes go to.
+    pub bytes_to: PerLeg<IntCounter>,
     /// `wsbeat_upstream_errors_total{reason="lost"}`.
     pub upstream_lost: IntCounter,
 }
 
-/// What `/connections` shows of one live WebSocket; the relay updates it as it goes.
-#[derive(Debug)]
-pub struct ConnectionView {
-    pub id: u64,
-    pub client_addr: SocketAddr,
-    pub route: String,
-    pub upstream: String,
-    pub started: Instant,
-    /// Milliseconds from `started` to the client's last frame.
-    last_client_frame_ms: AtomicU64,
-    /// Microseconds of the last PONG round trip; `u64::MAX` while there is none.
-    last_pong_rtt_us: AtomicU64,
-    pub heartbeats_sent: AtomicU64,
-    pub client_heartbeats_dropped: AtomicU64,
-    pub messages_to_client: AtomicU64,
-    pub messages_to_upstream: AtomicU64,
-    pub bytes_to_client: AtomicU64,
-    pub bytes_to_upstream: AtomicU64,
-}
-
-impl ConnectionView {
-    pub fn new(
-        id: u64,
-        client_addr: SocketAddr,
-        route: &str,
-        upstream: String,
-        started: Instant,
-    ) -> Self {
-        ConnectionView {
-            id,
-            client_addr,
-            route: route.to_owned(),
-            upstream,
-            started,
-            last_client_frame_ms: AtomicU64::new(0),
-            last_pong_rtt_us: AtomicU64::new(u64::MAX),
-            heartbeats_sent: AtomicU64::new(0),
-            client_heartbeats_dropped: AtomicU64::new(0),
-            messages_to_client: AtomicU64::new(0),
-            messages_to_upstream: AtomicU64::new(0),
-            bytes_to_client: AtomicU64::new(0),
-            bytes_to_upstream: AtomicU64::new(0),
-        }
-    }
-
-    pub fn client_frame_at(&self, at: Instant) {
-        let ms = at.saturating_duration_since(self.started).as_millis();
-        self.last_client_frame_ms
-            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
-    }
-
-    pub fn last_client_frame_ago(&self, now: Instant) -> Duration {
-        let at =
-            self.started + Duration::from_millis(self.last_client_frame_ms.load(Ordering::Relaxed));
-        now.saturating_duration_since(at)
-    }
-
-    pub fn set_pong_rtt(&self, rtt: Duration) {
-        let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX - 1);
-        self.last_pong_rtt_us.store(us, Ordering::Relaxed);
-    }
-
-    pub fn last_pong_rtt(&self) -> Option<Duration> {
-        match self.last_pong_rtt_us.load(Ordering::Relaxed) {
-            u64::MAX => None,
-            us => Some(Duration::from_micros(us)),
-        }
-    }
-
-    /// The JSON object `/connections` lists.
-    pub fn to_json(&self, now: Instant) -> serde_json::Value {
-        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        serde_json::json!({
-            "id": self.id,
-            "client_addr": self.client_addr.to_string(),
-            "route": self.route,
-            "upstream": self.upstream,
-            "age_seconds": now.saturating_duration_since(self.started).as_secs_f64(),
-            "last_client_frame_seconds_ago": self.last_client_frame_ago(now).as_secs_f64(),
-            "last_pong_rtt_seconds": self.last_pong_rtt().map(|d| d.as_secs_f64()),
-            "heartbeats_sent": n(&self.heartbeats_sent),
-            "client_heartbeats_dropped": n(&self.client_heartbeats_dropped),
-            "messages_to_client": n(&self.messages_to_client),
-            "messages_to_upstream": n(&self.messages_to_upstream),
-            "bytes_to_client": n(&self.bytes_to_client),
-            "bytes_to_upstream": n(&self.bytes_to_upstream),
-        })
-    }
+/// `wsbeat_messages_total` of one direction, by `kind`.
+pub struct MessageCounters {
+    pub text: IntCounter,
+    pub binary: IntCounter,
+    pub close: IntCounter,
 }
 
 #[cfg(test)]

@@ -10,7 +10,6 @@
 //! (backpressure). wsbeat's own frames (heartbeats, PINGs, PONGs, closes) are put between
 //! forwarded frames, heartbeats between messages.
 
-use std::fmt;
 use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;
@@ -25,9 +24,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Route;
+use crate::conn::{ConnectionView, Leg, Outcome, PerLeg, Summary};
 use crate::frame::{self, close, encode, Event as FrameEvent, Parser, Sender, Violation};
 use crate::heartbeat::{Action, Heartbeat, Schedule};
-use crate::metrics::{ConnMetrics, ConnectionView};
+use crate::metrics::ConnMetrics;
 
 #[cfg(test)]
 mod endings;
@@ -58,78 +58,6 @@ const TIMER_GRANULARITY: Duration = Duration::from_millis(10);
 /// carried one large burst does not keep its memory while idle.
 const KEEP_CAPACITY: usize = 1024;
 
-/// Which side of the proxy: the metric label `leg`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LegKind {
-    Client,
-    Upstream,
-}
-
-impl LegKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LegKind::Client => "client",
-            LegKind::Upstream => "upstream",
-        }
-    }
-
-    fn other(self) -> LegKind {
-        match self {
-            LegKind::Client => LegKind::Upstream,
-            LegKind::Upstream => LegKind::Client,
-        }
-    }
-}
-
-/// How a proxied connection ended: the metric label `outcome`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The client closed (close frame, or its TCP connection ended).
-    ClientClose,
-    /// The upstream closed.
-    UpstreamClose,
-    /// The client stopped answering: liveness timeout.
-    ClientDead,
-    /// The upstream stopped answering its PINGs.
-    UpstreamDead,
-    /// A protocol violation, an oversized message, a write timeout or an I/O error.
-    Error,
-    /// wsbeat is shutting down.
-    Shutdown,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::ClientClose => "client_close",
-            Outcome::UpstreamClose => "upstream_close",
-            Outcome::ClientDead => "client_dead",
-            Outcome::UpstreamDead => "upstream_dead",
-            Outcome::Error => "error",
-            Outcome::Shutdown => "shutdown",
-        }
-    }
-}
-
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What the relay reports when the connection is over.
-#[derive(Debug, Clone)]
-pub struct Summary {
-    pub outcome: Outcome,
-    /// The close code sent to (or first received from) each leg, when there was one.
-    pub client_close_code: Option<u16>,
-    pub upstream_close_code: Option<u16>,
-    /// Data messages read from the upstream after the client's leg was closed, and
-    /// from the client after the upstream's: there was nowhere left to write them.
-    pub dropped_to_client: u64,
-    pub dropped_to_upstream: u64,
-}
-
 /// What one connection needs besides its two sockets.
 pub struct RelayContext {
     pub route: Arc<Route>,
@@ -148,8 +76,9 @@ pub struct RelayContext {
     pub started: Instant,
 }
 
-/// One leg's state, apart from its socket.
-struct Side {
+/// What wsbeat keeps of one leg's wire, apart from its socket: the parser of what the
+/// peer sends, the bytes going to it, and where its close handshake stands.
+struct Wire {
     /// Parses the frames this peer sends.
     parser: Parser,
     /// Bytes for this peer not yet written; empty and unallocated when idle.
@@ -180,9 +109,9 @@ struct Side {
     close_code: Option<u16>,
 }
 
-impl Side {
+impl Wire {
     fn new(parser: Parser, masks: bool) -> Self {
-        Side {
+        Wire {
             parser,
             out: Vec::new(),
             deferred: Vec::new(),
@@ -268,14 +197,6 @@ impl Side {
     }
 }
 
-/// Index of a leg in `ConnMetrics`' per-leg arrays.
-fn leg_index(leg: LegKind) -> usize {
-    match leg {
-        LegKind::Client => 0,
-        LegKind::Upstream => 1,
-    }
-}
-
 /// Rounds `t` up to the next multiple of `TIMER_GRANULARITY` since a process-wide epoch.
 fn on_grid(t: Instant) -> Instant {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -291,9 +212,9 @@ enum Event {
     /// Bytes were read and processed.
     Progress,
     /// The peer ended its stream (EOF).
-    Eof(LegKind),
-    ReadFailed(LegKind, io::Error),
-    WriteFailed(LegKind, io::Error),
+    Eof(Leg),
+    ReadFailed(Leg, io::Error),
+    WriteFailed(Leg, io::Error),
     /// A write started waiting for its peer: the timer must include its deadline.
     Blocked,
 }
@@ -336,27 +257,29 @@ where
     let mut relay = Box::new(Relay {
         client_io: Some(client.io),
         upstream_io: Some(upstream.io),
-        client: Side::new(
-            Parser::new(Sender::Client, ctx.max_message_size, heartbeat),
-            false,
-        ),
-        upstream: Side::new(
-            Parser::new(Sender::Server, ctx.max_message_size, None),
-            true,
-        ),
+        wires: PerLeg {
+            client: Wire::new(
+                Parser::new(Sender::Client, ctx.max_message_size, heartbeat),
+                false,
+            ),
+            upstream: Wire::new(
+                Parser::new(Sender::Server, ctx.max_message_size, None),
+                true,
+            ),
+        },
         heartbeat: Heartbeat::new(Schedule::for_route(&ctx.route), ctx.started),
         closing: None,
         upstream_close_waits: false,
-        dropped: [0; 2],
-        messages_this_read: [0; 2],
+        dropped: PerLeg::default(),
+        messages_this_read: Messages::default(),
         client_first: true,
         ctx,
     });
     // The leftovers are slices of hyper's handshake buffers: process them, then let
     // them go, so the buffers are not held for the life of the connection.
     for (leg, leftover) in [
-        (LegKind::Client, client.leftover),
-        (LegKind::Upstream, upstream.leftover),
+        (Leg::Client, client.leftover),
+        (Leg::Upstream, upstream.leftover),
     ] {
         if !leftover.is_empty() {
             relay.process(leg, &leftover);
@@ -365,22 +288,28 @@ where
     relay.run()
 }
 
+/// Data messages forwarded, by kind.
+#[derive(Debug, Default)]
+struct Messages {
+    text: u64,
+    binary: u64,
+}
+
 struct Relay<C, U> {
     /// The legs' sockets; `None` once a leg is cut (see [`Relay::cut`]).
     client_io: Option<C>,
     upstream_io: Option<U>,
-    client: Side,
-    upstream: Side,
+    wires: PerLeg<Wire>,
     heartbeat: Heartbeat,
     closing: Option<Closing>,
     /// Draining: the upstream's close waits until the client has answered its own, so
     /// that every message the client sent before it saw the close reaches the upstream.
     upstream_close_waits: bool,
     /// Data messages dropped because the other leg was closed, by source leg.
-    dropped: [u64; 2],
-    /// Messages forwarded during the read being processed, `[text, binary]`: published
-    /// to the counters once per read, not once per message.
-    messages_this_read: [u64; 2],
+    dropped: PerLeg<u64>,
+    /// Messages forwarded during the read being processed: published to the counters
+    /// once per read, not once per message.
+    messages_this_read: Messages,
     /// Alternates which leg is read first, so a busy leg cannot starve the other.
     client_first: bool,
     ctx: RelayContext,
@@ -398,7 +327,7 @@ where
         let timer = tokio::time::sleep_until(armed);
         tokio::pin!(timer);
 
-        while !(self.client.finished() && self.upstream.finished()) {
+        while !(self.wires.client.finished() && self.wires.upstream.finished()) {
             tokio::select! {
                 biased;
                 _ = &mut shutdown, if self.closing.is_none() => self.on_shutdown(),
@@ -434,33 +363,26 @@ where
         }
         // Half-close what is still open, so the peers see FIN after the close frame.
         let grace = Duration::from_millis(100);
-        if let Some(io) = self.client_io.as_mut().filter(|_| self.client.writable) {
+        if let Some(io) = self
+            .client_io
+            .as_mut()
+            .filter(|_| self.wires.client.writable)
+        {
             let _ = tokio::time::timeout(grace, io.shutdown()).await;
         }
-        if let Some(io) = self.upstream_io.as_mut().filter(|_| self.upstream.writable) {
+        if let Some(io) = self
+            .upstream_io
+            .as_mut()
+            .filter(|_| self.wires.upstream.writable)
+        {
             let _ = tokio::time::timeout(grace, io.shutdown()).await;
         }
         Summary {
             outcome: self.closing.map_or(Outcome::Error, |c| c.outcome),
-            client_close_code: self.client.close_code,
-            upstream_close_code: self.upstream.close_code,
-            dropped_to_client: self.dropped[leg_index(LegKind::Upstream)],
-            dropped_to_upstream: self.dropped[leg_index(LegKind::Client)],
-        }
-    }
-
-    fn side(&mut self, leg: LegKind) -> &mut Side {
-        match leg {
-            LegKind::Client => &mut self.client,
-            LegKind::Upstream => &mut self.upstream,
-        }
-    }
-
-    /// The leg's side and the other leg's side.
-    fn sides(&mut self, leg: LegKind) -> (&mut Side, &mut Side) {
-        match leg {
-            LegKind::Client => (&mut self.client, &mut self.upstream),
-            LegKind::Upstream => (&mut self.upstream, &mut self.client),
+            client_close_code: self.wires.client.close_code,
+            upstream_close_code: self.wires.upstream.close_code,
+            dropped_to_client: self.dropped.upstream,
+            dropped_to_upstream: self.dropped.client,
         }
     }
 
@@ -477,9 +399,12 @@ where
                 .next_deadline()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400)),
         };
-        for blocked in [self.client.blocked_since, self.upstream.blocked_since]
-            .into_iter()
-            .flatten()
+        for blocked in [
+            self.wires.client.blocked_since,
+            self.wires.upstream.blocked_since,
+        ]
+        .into_iter()
+        .flatten()
         {
             d = d.min(blocked + self.ctx.write_timeout);
         }
@@ -500,15 +425,15 @@ where
     /// Drives writes on both legs, then reads from whichever leg may be read.
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         macro_rules! drive_writes {
-            ($side:expr, $io:expr, $leg:expr) => {
+            ($wire:expr, $io:expr, $leg:expr) => {
                 // A cut leg has no socket left to write.
                 if let Some(io) = $io.as_mut() {
-                    match $side.poll_drain(io, cx) {
-                        Poll::Ready(Ok(())) => $side.blocked_since = None,
+                    match $wire.poll_drain(io, cx) {
+                        Poll::Ready(Ok(())) => $wire.blocked_since = None,
                         Poll::Ready(Err(e)) => return Poll::Ready(Event::WriteFailed($leg, e)),
                         Poll::Pending => {
-                            if $side.blocked_since.is_none() {
-                                $side.blocked_since = Some(Instant::now());
+                            if $wire.blocked_since.is_none() {
+                                $wire.blocked_since = Some(Instant::now());
                                 return Poll::Ready(Event::Blocked);
                             }
                         }
@@ -516,14 +441,14 @@ where
                 }
             };
         }
-        drive_writes!(self.client, self.client_io, LegKind::Client);
-        drive_writes!(self.upstream, self.upstream_io, LegKind::Upstream);
+        drive_writes!(self.wires.client, self.client_io, Leg::Client);
+        drive_writes!(self.wires.upstream, self.upstream_io, Leg::Upstream);
 
         self.client_first = !self.client_first;
         let order = if self.client_first {
-            [LegKind::Client, LegKind::Upstream]
+            [Leg::Client, Leg::Upstream]
         } else {
-            [LegKind::Upstream, LegKind::Client]
+            [Leg::Upstream, Leg::Client]
         };
         let mut storage = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
         for leg in order {
@@ -532,8 +457,8 @@ where
             }
             let mut buf = ReadBuf::uninit(&mut storage);
             let polled = match (leg, &mut self.client_io, &mut self.upstream_io) {
-                (LegKind::Client, Some(io), _) => Pin::new(io).poll_read(cx, &mut buf),
-                (LegKind::Upstream, _, Some(io)) => Pin::new(io).poll_read(cx, &mut buf),
+                (Leg::Client, Some(io), _) => Pin::new(io).poll_read(cx, &mut buf),
+                (Leg::Upstream, _, Some(io)) => Pin::new(io).poll_read(cx, &mut buf),
                 _ => continue,
             };
             match polled {
@@ -554,11 +479,8 @@ where
     /// Backpressure: a leg is read only when the other leg has taken everything
     /// forwarded to it, and this leg has taken wsbeat's own frames. While closing, a leg
     /// whose frames are being dropped is read freely (to see its close reply).
-    fn may_read(&self, leg: LegKind) -> bool {
-        let (src, dst) = match leg {
-            LegKind::Client => (&self.client, &self.upstream),
-            LegKind::Upstream => (&self.upstream, &self.client),
-        };
+    fn may_read(&self, leg: Leg) -> bool {
+        let (src, dst) = (&self.wires[leg], &self.wires[leg.other()]);
         let dropping = self.closing.is_some() && !src.passing;
         // Own frames waiting behind a half-forwarded frame count too: a peer that reads
         // a long frame slowly while flooding PINGs must not pile up PONGs without bound.
@@ -569,29 +491,26 @@ where
 
     /// Whether `leg` is left unread only because the other leg has not yet taken what
     /// was forwarded to it.
-    fn held_back(&self, leg: LegKind) -> bool {
-        let (src, dst) = match leg {
-            LegKind::Client => (&self.client, &self.upstream),
-            LegKind::Upstream => (&self.upstream, &self.client),
-        };
+    fn held_back(&self, leg: Leg) -> bool {
+        let (src, dst) = (&self.wires[leg], &self.wires[leg.other()]);
         src.readable && dst.writable && !dst.out.is_empty()
     }
 
     /// Parses bytes read from `leg`, forwarding data frames to the other leg. Counters
     /// are added up here and published once per read, not once per message.
-    fn process(&mut self, leg: LegKind, mut data: &[u8]) {
+    fn process(&mut self, leg: Leg, mut data: &[u8]) {
         let now = Instant::now();
         match leg {
-            LegKind::Client => {
+            Leg::Client => {
                 let gap = self.heartbeat.on_client_frame(now);
                 self.ctx.metrics.client_silence.observe(gap.as_secs_f64());
                 self.ctx.view.client_frame_at(now);
             }
-            LegKind::Upstream => self.heartbeat.on_upstream_frame(now),
+            Leg::Upstream => self.heartbeat.on_upstream_frame(now),
         }
         let mut payload_bytes = 0u64;
         while !data.is_empty() {
-            let (src, dst) = self.sides(leg);
+            let (src, dst) = self.wires.pair_mut(leg);
             // Once a close frame is queued for `dst` nothing may follow it; until then
             // frames pass, even while closing (a drain forwards the client's last words).
             let dst_open = dst.writable && !dst.close_sent;
@@ -611,63 +530,63 @@ where
             if let Some(event) = event {
                 self.on_frame_event(leg, event, now);
             }
-            if !self.side(leg).readable {
+            if !self.wires[leg].readable {
                 break;
             }
         }
-        let (bytes_metric, bytes_view, messages_metric, messages_view) = match leg {
-            LegKind::Client => (
-                &self.ctx.metrics.bytes_to_upstream,
-                &self.ctx.view.bytes_to_upstream,
-                &self.ctx.metrics.messages_to_upstream,
-                &self.ctx.view.messages_to_upstream,
-            ),
-            LegKind::Upstream => (
-                &self.ctx.metrics.bytes_to_client,
-                &self.ctx.view.bytes_to_client,
-                &self.ctx.metrics.messages_to_client,
-                &self.ctx.view.messages_to_client,
-            ),
-        };
+        let to = leg.other();
         if payload_bytes > 0 {
-            bytes_metric.inc_by(payload_bytes);
-            bytes_view.fetch_add(payload_bytes, Ordering::Relaxed);
+            self.ctx.metrics.bytes_to[to].inc_by(payload_bytes);
+            self.ctx
+                .view
+                .bytes_to(to)
+                .fetch_add(payload_bytes, Ordering::Relaxed);
         }
         let messages = std::mem::take(&mut self.messages_this_read);
-        for (kind, n) in messages.into_iter().enumerate() {
+        let counters = &self.ctx.metrics.messages_to[to];
+        for (counter, n) in [
+            (&counters.text, messages.text),
+            (&counters.binary, messages.binary),
+        ] {
             if n > 0 {
-                messages_metric[kind].inc_by(n);
-                messages_view.fetch_add(n, Ordering::Relaxed);
+                counter.inc_by(n);
+                self.ctx
+                    .view
+                    .messages_to(to)
+                    .fetch_add(n, Ordering::Relaxed);
             }
         }
     }
 
     /// A data frame from `leg` has been forwarded (or dropped) completely.
-    fn on_data_frame_end(&mut self, leg: LegKind, fin: bool, text: bool, now: Instant) {
-        let forwarded = self.side(leg).passing;
+    fn on_data_frame_end(&mut self, leg: Leg, fin: bool, text: bool, now: Instant) {
+        let forwarded = self.wires[leg].passing;
         if fin && forwarded {
-            self.messages_this_read[usize::from(!text)] += 1;
+            match text {
+                true => self.messages_this_read.text += 1,
+                false => self.messages_this_read.binary += 1,
+            }
         } else if fin {
-            self.dropped[leg_index(leg)] += 1;
+            self.dropped[leg] += 1;
         }
-        let (_, dst) = self.sides(leg);
+        let dst = &mut self.wires[leg.other()];
         // The frame into `dst` is complete: its waiting frames may follow.
         if !dst.deferred.is_empty() {
             let mut deferred = std::mem::take(&mut dst.deferred);
             dst.out.append(&mut deferred);
         }
-        if fin && leg == LegKind::Upstream {
+        if fin && leg == Leg::Upstream {
             if forwarded {
                 self.heartbeat.on_sent_to_client(now);
             }
-            if self.client.heartbeat_waiting {
-                self.client.heartbeat_waiting = false;
+            if self.wires.client.heartbeat_waiting {
+                self.wires.client.heartbeat_waiting = false;
                 self.send_heartbeat();
             }
         }
     }
 
-    fn on_frame_event(&mut self, leg: LegKind, event: FrameEvent, now: Instant) {
+    fn on_frame_event(&mut self, leg: Leg, event: FrameEvent, now: Instant) {
         match event {
             FrameEvent::DataFrameEnd { fin, text } => self.on_data_frame_end(leg, fin, text, now),
             FrameEvent::HeartbeatDropped => {
@@ -680,15 +599,14 @@ where
             // PING/PONG are hop-by-hop: answered here, never forwarded.
             FrameEvent::Ping(payload) => self.send_own(leg, frame::OP_PONG, &payload),
             FrameEvent::Pong(payload) => {
-                let i = leg_index(leg);
-                self.ctx.metrics.pongs_received[i].inc();
+                self.ctx.metrics.pongs_received[leg].inc();
                 let rtt = match leg {
-                    LegKind::Client => self.heartbeat.on_pong(&payload, now),
-                    LegKind::Upstream => self.heartbeat.on_upstream_pong(&payload, now),
+                    Leg::Client => self.heartbeat.on_pong(&payload, now),
+                    Leg::Upstream => self.heartbeat.on_upstream_pong(&payload, now),
                 };
                 if let Some(rtt) = rtt {
-                    self.ctx.metrics.pong_rtt[i].observe(rtt.as_secs_f64());
-                    if leg == LegKind::Client {
+                    self.ctx.metrics.pong_rtt[leg].observe(rtt.as_secs_f64());
+                    if leg == Leg::Client {
                         self.ctx.view.set_pong_rtt(rtt);
                     }
                 }
@@ -700,8 +618,8 @@ where
 
     /// Queues one of wsbeat's own frames for `to`: now if the stream into it is between
     /// frames, else after the frame being forwarded. Nothing follows a close frame.
-    fn send_own(&mut self, to: LegKind, opcode: u8, payload: &[u8]) {
-        let (target, feeder) = self.sides(to);
+    fn send_own(&mut self, to: Leg, opcode: u8, payload: &[u8]) {
+        let (target, feeder) = self.wires.pair_mut(to);
         if target.close_sent || !target.writable {
             return;
         }
@@ -718,12 +636,12 @@ where
     }
 
     /// Queues a close frame for `to` and records its code.
-    fn send_close(&mut self, to: LegKind, code: u16, reason: &str) {
-        let side = self.side(to);
-        if side.close_sent || !side.writable {
+    fn send_close(&mut self, to: Leg, code: u16, reason: &str) {
+        let wire = &mut self.wires[to];
+        if wire.close_sent || !wire.writable {
             return;
         }
-        side.close_code.get_or_insert(code);
+        wire.close_code.get_or_insert(code);
         self.send_own(to, frame::OP_CLOSE, &frame::close_payload(code, reason));
     }
 
@@ -732,14 +650,15 @@ where
         let Some(message) = self.ctx.route.heartbeat.message.clone() else {
             return;
         };
-        if self.client.close_sent || !self.client.writable {
+        let (client, upstream) = (&mut self.wires.client, &self.wires.upstream);
+        if client.close_sent || !client.writable {
             return;
         }
-        if self.upstream.parser.mid_message() && self.upstream.passing {
-            self.client.heartbeat_waiting = true;
+        if upstream.parser.mid_message() && upstream.passing {
+            client.heartbeat_waiting = true;
             return;
         }
-        self.send_own(LegKind::Client, frame::OP_TEXT, message.as_bytes());
+        self.send_own(Leg::Client, frame::OP_TEXT, message.as_bytes());
         self.ctx.metrics.heartbeats_sent.inc();
         self.ctx
             .view
@@ -747,48 +666,40 @@ where
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    fn on_close_frame(&mut self, leg: LegKind, frame: Option<(u16, String)>, now: Instant) {
+    fn on_close_frame(&mut self, leg: Leg, frame: Option<(u16, String)>, now: Instant) {
         let (code, reason) = frame.unwrap_or((close::NO_STATUS, String::new()));
-        let side = self.side(leg);
-        side.close_received = true;
-        side.readable = false;
-        if side.close_sent {
+        let wire = &mut self.wires[leg];
+        wire.close_received = true;
+        wire.readable = false;
+        if wire.close_sent {
             return; // the reply to our close
         }
-        side.close_code = Some(code);
+        wire.close_code = Some(code);
         // The peer started the close: echo it, and pass it on with its code and reason.
         self.send_own(leg, frame::OP_CLOSE, &frame::close_payload(code, &reason));
         self.send_close(leg.other(), code, &reason);
-        let forwarded = match leg {
-            LegKind::Client => &self.ctx.metrics.messages_to_upstream,
-            LegKind::Upstream => &self.ctx.metrics.messages_to_client,
-        };
-        forwarded[2].inc();
-        let outcome = match leg {
-            LegKind::Client => Outcome::ClientClose,
-            LegKind::Upstream => Outcome::UpstreamClose,
-        };
-        self.begin_closing(outcome, now);
+        self.ctx.metrics.messages_to[leg.other()].close.inc();
+        self.begin_closing(Outcome::closed_by(leg), now);
     }
 
     /// The peer broke the protocol: tell it why and close the other leg.
-    fn on_violation(&mut self, leg: LegKind, v: Violation, now: Instant) {
+    fn on_violation(&mut self, leg: Leg, v: Violation, now: Instant) {
         tracing::debug!(leg = leg.as_str(), reason = v.reason, "protocol violation");
-        self.side(leg).readable = false;
+        self.wires[leg].readable = false;
         self.send_close(leg, v.code, v.reason);
         match leg {
-            LegKind::Client => self.send_close(
-                LegKind::Upstream,
+            Leg::Client => self.send_close(
+                Leg::Upstream,
                 close::GOING_AWAY,
                 "client violated the protocol",
             ),
-            LegKind::Upstream => {
+            Leg::Upstream => {
                 let code = if v.code == close::TOO_BIG {
                     close::TOO_BIG
                 } else {
                     close::INTERNAL_ERROR
                 };
-                self.send_close(LegKind::Client, code, "upstream violated the protocol");
+                self.send_close(Leg::Client, code, "upstream violated the protocol");
             }
         }
         self.begin_closing(Outcome::Error, now);
@@ -799,9 +710,9 @@ where
             Event::Progress | Event::Blocked => {}
             Event::Eof(leg) => {
                 let closing = self.closing.is_some();
-                let side = self.side(leg);
-                if side.close_received || (side.close_sent && closing) {
-                    side.readable = false;
+                let wire = &mut self.wires[leg];
+                if wire.close_received || (wire.close_sent && closing) {
+                    wire.readable = false;
                 } else {
                     self.on_leg_lost(leg);
                 }
@@ -815,23 +726,23 @@ where
 
     /// A peer vanished (reset, EOF without close, write error): abandon it and close the
     /// other leg (client gone → 1001, upstream gone → 1011).
-    fn on_leg_lost(&mut self, leg: LegKind) {
-        self.side(leg).abandon();
+    fn on_leg_lost(&mut self, leg: Leg) {
+        self.wires[leg].abandon();
         if self.closing.is_some() {
             return;
         }
         let now = Instant::now();
         match leg {
-            LegKind::Client => {
-                self.send_close(LegKind::Upstream, close::GOING_AWAY, "client went away");
+            Leg::Client => {
+                self.send_close(Leg::Upstream, close::GOING_AWAY, "client went away");
                 self.begin_closing(Outcome::ClientClose, now);
             }
-            LegKind::Upstream => {
+            Leg::Upstream => {
                 // A backend that crashed or reset the connection: an upstream failure,
                 // though the outcome stays `upstream_close` (the upstream ended it).
                 self.ctx.metrics.upstream_lost.inc();
                 self.send_close(
-                    LegKind::Client,
+                    Leg::Client,
                     close::INTERNAL_ERROR,
                     "upstream connection lost",
                 );
@@ -855,12 +766,12 @@ where
     /// frame (it would be read as payload). Waiting for the grace period changes
     /// nothing, so that leg is cut at once.
     fn cut_unfinishable_frames(&mut self) {
-        for leg in [LegKind::Client, LegKind::Upstream] {
+        for leg in [Leg::Client, Leg::Upstream] {
             let target_open = match leg.other() {
-                LegKind::Client => self.client_io.is_some(),
-                LegKind::Upstream => self.upstream_io.is_some(),
+                Leg::Client => self.client_io.is_some(),
+                Leg::Upstream => self.upstream_io.is_some(),
             };
-            let feeder = self.side(leg);
+            let feeder = &self.wires[leg];
             if target_open && !feeder.readable && feeder.passing && feeder.parser.mid_frame() {
                 self.cut(leg.other());
             }
@@ -870,22 +781,22 @@ where
     /// Ends `leg`'s connection now, without a close frame: its socket is dropped (the
     /// peer sees its TCP end). A close waiting behind the cut frame is forgotten with
     /// its code, so the leg counts as 1006 (unless its peer had sent its own close).
-    fn cut(&mut self, leg: LegKind) {
+    fn cut(&mut self, leg: Leg) {
         tracing::debug!(leg = leg.as_str(), "cut in the middle of a frame");
-        self.side(leg).abandon();
+        self.wires[leg].abandon();
         match leg {
-            LegKind::Client => self.client_io = None,
-            LegKind::Upstream => self.upstream_io = None,
+            Leg::Client => self.client_io = None,
+            Leg::Upstream => self.upstream_io = None,
         }
     }
 
     /// A peer declared dead by liveness: if it stopped in the middle of a frame toward
     /// the other leg, nothing more is read from it (it would have to finish that frame
     /// before any close reply), and that leg is cut.
-    fn stop_reading_if_mid_frame(&mut self, dead: LegKind) {
-        let side = self.side(dead);
-        if side.passing && side.parser.mid_frame() {
-            side.readable = false;
+    fn stop_reading_if_mid_frame(&mut self, dead: Leg) {
+        let wire = &mut self.wires[dead];
+        if wire.passing && wire.parser.mid_frame() {
+            wire.readable = false;
         }
     }
 
@@ -894,11 +805,7 @@ where
     /// to the upstream. Whatever either peer sent before its close reached the other
     /// side, except upstream messages that crossed the client's close.
     fn on_shutdown(&mut self) {
-        self.send_close(
-            LegKind::Client,
-            close::GOING_AWAY,
-            "wsbeat is shutting down",
-        );
+        self.send_close(Leg::Client, close::GOING_AWAY, "wsbeat is shutting down");
         self.upstream_close_waits = true;
         let now = Instant::now();
         self.begin_closing(Outcome::Shutdown, now);
@@ -911,13 +818,9 @@ where
     /// The second half of a drain: close the upstream once nothing more can come from
     /// the client, with a fresh grace period for its answer.
     fn advance_drain(&mut self) {
-        if self.upstream_close_waits && !self.client.readable {
+        if self.upstream_close_waits && !self.wires.client.readable {
             self.upstream_close_waits = false;
-            self.send_close(
-                LegKind::Upstream,
-                close::GOING_AWAY,
-                "wsbeat is shutting down",
-            );
+            self.send_close(Leg::Upstream, close::GOING_AWAY, "wsbeat is shutting down");
             if let Some(c) = &mut self.closing {
                 c.deadline = Instant::now() + CLOSE_GRACE;
             }
@@ -931,25 +834,25 @@ where
                 // The close handshake took too long: drop the sockets. A drain still
                 // owes the upstream its close: only the client is dropped, and
                 // advance_drain closes the upstream.
-                self.client.abandon();
+                self.wires.client.abandon();
                 if !self.upstream_close_waits {
-                    self.upstream.abandon();
+                    self.wires.upstream.abandon();
                 }
                 return;
             }
         }
         let write_timeout = self.ctx.write_timeout;
         let stalled = |since: Option<Instant>| since.is_some_and(|t| now >= t + write_timeout);
-        if stalled(self.client.blocked_since) {
+        if stalled(self.wires.client.blocked_since) {
             tracing::debug!("client took no bytes for the write timeout");
-            self.client.abandon();
-            self.send_close(LegKind::Upstream, close::GOING_AWAY, "client too slow");
+            self.wires.client.abandon();
+            self.send_close(Leg::Upstream, close::GOING_AWAY, "client too slow");
             self.begin_closing(Outcome::Error, now);
         }
-        if stalled(self.upstream.blocked_since) {
+        if stalled(self.wires.upstream.blocked_since) {
             tracing::debug!("upstream took no bytes for the write timeout");
-            self.upstream.abandon();
-            self.send_close(LegKind::Client, close::INTERNAL_ERROR, "upstream too slow");
+            self.wires.upstream.abandon();
+            self.send_close(Leg::Client, close::INTERNAL_ERROR, "upstream too slow");
             self.begin_closing(Outcome::Error, now);
         }
         if self.closing.is_some() {
@@ -958,10 +861,10 @@ where
         // A leg held back by backpressure is not read, so its PONGs go unseen: that
         // silence is the other leg's doing (closed at write_timeout if it takes nothing),
         // not a sign that this peer is dead.
-        if self.held_back(LegKind::Client) {
+        if self.held_back(Leg::Client) {
             self.heartbeat.on_client_frame(now);
         }
-        if self.held_back(LegKind::Upstream) {
+        if self.held_back(Leg::Upstream) {
             self.heartbeat.on_upstream_frame(now);
         }
         loop {
@@ -969,34 +872,30 @@ where
                 Action::Idle => break,
                 Action::SendHeartbeat => self.send_heartbeat(),
                 Action::PingClient(payload) => {
-                    self.ctx.metrics.pings_sent[0].inc();
-                    self.send_own(LegKind::Client, frame::OP_PING, &payload);
+                    self.ctx.metrics.pings_sent.client.inc();
+                    self.send_own(Leg::Client, frame::OP_PING, &payload);
                 }
                 Action::PingUpstream(payload) => {
-                    self.ctx.metrics.pings_sent[1].inc();
-                    self.send_own(LegKind::Upstream, frame::OP_PING, &payload);
+                    self.ctx.metrics.pings_sent.upstream.inc();
+                    self.send_own(Leg::Upstream, frame::OP_PING, &payload);
                 }
                 Action::ClientDead => {
-                    self.ctx.metrics.liveness_timeouts[0].inc();
-                    self.stop_reading_if_mid_frame(LegKind::Client);
+                    self.ctx.metrics.liveness_timeouts.client.inc();
+                    self.stop_reading_if_mid_frame(Leg::Client);
                     // The backend frees its resources first (its connection is cut instead
                     // when the client died in the middle of a frame toward it); the client
                     // gets a close it will probably never read, and CLOSE_GRACE later the
                     // socket is gone.
-                    self.send_close(LegKind::Upstream, close::GOING_AWAY, "client unresponsive");
-                    self.send_close(LegKind::Client, close::GOING_AWAY, "no answer to pings");
+                    self.send_close(Leg::Upstream, close::GOING_AWAY, "client unresponsive");
+                    self.send_close(Leg::Client, close::GOING_AWAY, "no answer to pings");
                     self.begin_closing(Outcome::ClientDead, now);
                     break;
                 }
                 Action::UpstreamDead => {
-                    self.ctx.metrics.liveness_timeouts[1].inc();
-                    self.stop_reading_if_mid_frame(LegKind::Upstream);
-                    self.send_close(LegKind::Upstream, close::GOING_AWAY, "no answer to pings");
-                    self.send_close(
-                        LegKind::Client,
-                        close::INTERNAL_ERROR,
-                        "upstream unresponsive",
-                    );
+                    self.ctx.metrics.liveness_timeouts.upstream.inc();
+                    self.stop_reading_if_mid_frame(Leg::Upstream);
+                    self.send_close(Leg::Upstream, close::GOING_AWAY, "no answer to pings");
+                    self.send_close(Leg::Client, close::INTERNAL_ERROR, "upstream unresponsive");
                     self.begin_closing(Outcome::UpstreamDead, now);
                     break;
                 }
@@ -1088,10 +987,10 @@ mod tests {
 
     /// The code of the first close frame in what the relay sent `to` (masked frames to
     /// the upstream), read with the relay's own parser.
-    fn close_code(to: LegKind, mut bytes: &[u8]) -> Option<u16> {
+    fn close_code(to: Leg, mut bytes: &[u8]) -> Option<u16> {
         let sender = match to {
-            LegKind::Client => Sender::Server,
-            LegKind::Upstream => Sender::Client,
+            Leg::Client => Sender::Server,
+            Leg::Upstream => Sender::Client,
         };
         let mut parser = Parser::new(sender, u64::MAX, None);
         while !bytes.is_empty() {
@@ -1145,10 +1044,7 @@ mod tests {
         // The upstream answers the close; the dead client never does.
         let mut close = vec![0; 2 + 4 + 2 + "client unresponsive".len()];
         h.upstream.read_exact(&mut close).await.unwrap();
-        assert_eq!(
-            close_code(LegKind::Upstream, &close),
-            Some(close::GOING_AWAY)
-        );
+        assert_eq!(close_code(Leg::Upstream, &close), Some(close::GOING_AWAY));
         let mut reply = Vec::new();
         encode(&mut reply, frame::OP_CLOSE, &1001u16.to_be_bytes(), None);
         h.upstream.write_all(&reply).await.unwrap();
@@ -1190,7 +1086,7 @@ mod tests {
         assert_eq!(ended, sent, "cut at once");
         let (to_client, _) = read_to_eof(&mut h.client).await;
         assert_eq!(
-            close_code(LegKind::Client, &to_client),
+            close_code(Leg::Client, &to_client),
             Some(close::INVALID_PAYLOAD)
         );
         let summary = h.relay.await.unwrap();
@@ -1233,7 +1129,7 @@ mod tests {
             "the client's connection ended {took:?} after the upstream fell silent"
         );
         assert_eq!(
-            close_code(LegKind::Client, &to_client),
+            close_code(Leg::Client, &to_client),
             None,
             "no close inside the frame"
         );
@@ -1282,7 +1178,7 @@ mod tests {
         h.upstream.write_all(&close).await.unwrap();
         let mut to_client = vec![0; 4];
         h.client.read_exact(&mut to_client).await.unwrap();
-        assert_eq!(close_code(LegKind::Client, &to_client), Some(4000));
+        assert_eq!(close_code(Leg::Client, &to_client), Some(4000));
         drop(h.client);
         let (rest, _) = read_to_eof(&mut h.upstream).await;
         assert!(rest.is_empty(), "no echo inside the frame: {rest:?}");
@@ -1339,7 +1235,7 @@ mod tests {
         to_upstream.truncate(n);
         let took = started.elapsed();
         assert_eq!(
-            close_code(LegKind::Upstream, &to_upstream),
+            close_code(Leg::Upstream, &to_upstream),
             Some(close::GOING_AWAY)
         );
         assert!(

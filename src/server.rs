@@ -22,9 +22,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Route, Routes};
+use crate::conn::ConnectionView;
 use crate::forwarding::{copy_end_to_end, ClientInfo};
 use crate::handshake::{self, is_upgrade_request, MAX_REQUEST_HEAD};
-use crate::metrics::{ConnectionView, Metrics};
+use crate::metrics::Metrics;
 use crate::passthrough::Passthrough;
 use crate::relay::{self, RelayContext};
 use crate::tls::{self, LegStream};

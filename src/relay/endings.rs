@@ -19,9 +19,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{run, Outcome, RelayContext, Socket, Summary, CLOSE_GRACE};
+use super::{run, RelayContext, Socket, CLOSE_GRACE};
 use crate::config::{Config, HumanDuration};
-use crate::metrics::{ConnectionView, Metrics};
+use crate::conn::{ConnectionView, Outcome, Summary};
+use crate::metrics::Metrics;
 
 /// The in-memory pipe's capacity each way: small, so a peer that does not read pushes
 /// back on wsbeat quickly.

@@ -22,4 +22,5 @@ mod http_pool;
 mod metrics;
 mod netns;
 mod relay;
+mod structure;
 mod tls;

@@ -13,6 +13,9 @@ use tokio::time::Instant;
 use crate::conn::{Leg, Outcome, PerLeg};
 use crate::frame::close;
 
+#[cfg(test)]
+mod tests;
+
 /// After wsbeat sends a close frame (or decides a peer is dead), how long it waits for
 /// the close handshake to finish before it drops the sockets.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(1);

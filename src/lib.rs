@@ -12,7 +12,8 @@
 //! - [`passthrough`]: plain HTTP requests, proxied through a pooled client.
 //! - [`conn`]: the vocabulary of one connection (leaf): `Leg`, `PerLeg`, `Outcome`,
 //!   `Summary`, the live-connection registry behind `/connections`.
-//! - [`relay`]: the per-connection loop that holds both sockets.
+//! - [`relay`]: the per-connection loop that holds both sockets; its close and drain
+//!   policy is a pure state machine ([`relay::closing`]).
 //! - [`frame`]: WebSocket frames on the wire: the validating parser and the encoder.
 //! - [`heartbeat`]: the heartbeat and liveness state machine (pure, no I/O).
 //! - [`metrics`]: the Prometheus families; owns the live-connection registry.

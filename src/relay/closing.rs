@@ -5,6 +5,14 @@
 //! Each leg is in one [`LegState`]; the connection is open, draining (the client has
 //! been sent 1001, the upstream's close waits for the client's answer) or closing (an
 //! outcome is decided and the close handshakes have until a deadline to finish).
+//!
+//! ```text
+//! Open ──wsbeat's close queued──▶ CloseSent ──the peer's reply──▶ CloseReceived
+//!  │                                 └──violation, EOF without a reply──▶ Closed
+//!  ├──the peer's close (echoed)─────────────────────────────────▶ CloseReceived
+//!  └──violation, dead mid-frame (with wsbeat's close)───────────▶ Closed
+//! any state ──lost, write timeout, grace over, cut──▶ Lost
+//! ```
 
 use std::time::Duration;
 
@@ -95,6 +103,7 @@ pub struct Closing {
 }
 
 impl Closing {
+    /// Both legs open; `drain_grace` is how long a drain waits for the client's answer.
     pub fn new(drain_grace: Duration) -> Self {
         Closing {
             legs: PerLeg::new(|_| LegClose {
@@ -106,6 +115,7 @@ impl Closing {
         }
     }
 
+    /// Where `leg`'s close handshake stands.
     pub fn state(&self, leg: Leg) -> LegState {
         self.legs[leg].state
     }
@@ -172,9 +182,9 @@ impl Closing {
         let mut actions = Vec::new();
         let started_by_peer = match self.state(leg) {
             LegState::Open => true,
-            LegState::CloseSent | LegState::Closed => false,
+            LegState::CloseSent => false,
             // Not read: no frame can come from these.
-            LegState::CloseReceived | LegState::Lost { .. } => return actions,
+            LegState::CloseReceived | LegState::Closed | LegState::Lost { .. } => return actions,
         };
         self.legs[leg].state = LegState::CloseReceived;
         if started_by_peer {

@@ -2,7 +2,8 @@
 //! liveness metrics to backends that have none.
 //!
 //! Modules, one job each:
-//! - [`config`]: the YAML configuration, its defaults and validation, resolved routes.
+//! - [`config`]: the YAML document and its loading, units, upstream URLs, routes and
+//!   their overrides, and the pure `validate()`.
 //! - [`server`]: the public listener, routing, the hand-over to a relay.
 //! - [`handshake`]: the client handshake decision (pure): request head → response.
 //! - [`forwarding`]: header policy between the legs: end-to-end headers, tokens,

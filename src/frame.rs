@@ -113,8 +113,9 @@ pub struct Parser {
     cut_mid_frame: bool,
     held: [u8; MAX_CONTROL_PAYLOAD],
     held_len: usize,
-    /// A fragmented text message that may be the heartbeat, held until decided.
-    candidate: Option<Candidate>,
+    /// A fragmented text message that may be the heartbeat, held until decided. Boxed:
+    /// it is rare, and every connection's parser would otherwise carry its room.
+    candidate: Option<Box<Candidate>>,
 }
 
 /// The frames of a fragmented text message whose payload so far is the start of the
@@ -381,7 +382,7 @@ impl Parser {
                     self.message_text = opcode == OP_TEXT;
                 }
                 if self.holds_fragment(opcode, fin, so_far, len) {
-                    let candidate = self.candidate.get_or_insert_with(Candidate::default);
+                    let candidate = self.candidate.get_or_insert_with(Box::default);
                     let header = &self.header[..self.header_len];
                     candidate.headers.push((candidate.raw.len(), header.len()));
                     candidate.raw.extend_from_slice(header);

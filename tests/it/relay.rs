@@ -490,15 +490,10 @@ async fn a_client_lost_in_the_middle_of_a_frame_has_the_upstream_cut_at_once() {
     let (addr, mut received) = raw_upstream(RawAnswer::Accept).await;
     let proxy = Proxy::start(addr, |c| c.heartbeat.message = None).await;
     let mut raw = raw_websocket(proxy.addr, "/").await;
-    let frame = client_frame(0x2, &[0x5a; 64 * 1024]);
-    let half = &frame[..frame.len() / 2];
-    raw.write_all(half).await.unwrap();
+    let half = send_half_frame(&mut raw).await;
     drop(raw);
     let lost = Instant::now();
-    let got = tokio::time::timeout(PATIENCE, received.recv())
-        .await
-        .expect("the upstream's connection ends in time")
-        .unwrap();
+    let got = next_received(&mut received).await;
     let took = lost.elapsed();
     assert!(
         got.after == half,

@@ -247,6 +247,15 @@ pub fn client_fragment(opcode: u8, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// Sends the first half of a 64 KiB binary client frame: a client that stops (or
+/// vanishes) in the middle of a frame. Returns the half sent.
+pub async fn send_half_frame(raw: &mut TcpStream) -> Vec<u8> {
+    let frame = client_frame(frame::OP_BINARY, &[0x5a; 64 * 1024]);
+    let half = frame[..frame.len() / 2].to_vec();
+    raw.write_all(&half).await.unwrap();
+    half
+}
+
 /// The close code in the first close frame of a byte stream of frames, masked (what
 /// wsbeat sent an upstream) or not (what it sent a client). `None` if there is no close
 /// frame with a code.
@@ -287,6 +296,15 @@ pub fn close_code_in(bytes: &[u8]) -> Option<u16> {
 
 // ---------------------------------------------------------------------------------------
 // An upstream on raw TCP.
+
+/// What a raw upstream recorded on its next connection, once that connection ended;
+/// fails the test after PATIENCE.
+pub async fn next_received(received: &mut mpsc::UnboundedReceiver<RawReceived>) -> RawReceived {
+    tokio::time::timeout(PATIENCE, received.recv())
+        .await
+        .expect("the upstream's connection ends in time")
+        .expect("the raw upstream is running")
+}
 
 /// What a raw upstream answers to a handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

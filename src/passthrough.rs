@@ -166,7 +166,7 @@ impl Passthrough {
 
     /// Sends the request to the route's upstream and returns its response, whose body
     /// streams as the upstream sends it. A request that meets a pooled connection the
-    /// backend has closed goes once more on a new connection when [`may_retry`] allows.
+    /// backend has closed goes once more on a new connection when `retry::may_retry` allows.
     pub async fn forward(
         &self,
         req: Request<Incoming>,

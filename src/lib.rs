@@ -5,6 +5,7 @@
 //! - [`config`]: the YAML document and its loading, units, upstream URLs, routes and
 //!   their overrides, and the pure `validate()`.
 //! - [`server`]: the public listener, routing, the hand-over to a relay.
+//! - [`proxy_protocol`]: the PROXY protocol header (v1, v2) an L4 load balancer sends first.
 //! - [`handshake`]: the client handshake decision (pure): request head → response.
 //! - [`forwarding`]: header policy between the legs: end-to-end headers, tokens,
 //!   `X-Forwarded-*` and `Via`.
@@ -34,6 +35,7 @@ pub mod handshake;
 pub mod heartbeat;
 pub mod metrics;
 pub mod passthrough;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod server;
 pub mod shutdown;

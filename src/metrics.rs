@@ -83,6 +83,9 @@ pub struct Metrics {
     /// TLS handshakes that failed, by `leg` (a client that sends nothing and closes is
     /// not counted; one that sends nothing until `limits.handshake_timeout` is).
     pub tls_handshake_errors: IntCounterVec,
+    /// Connections closed because they did not start with a valid PROXY protocol header
+    /// (`proxy_protocol: true`).
+    pub proxy_protocol_errors: IntCounter,
     connection_last_seen: GaugeVec,
     connection_pong_rtt: GaugeVec,
     /// The live WebSockets, listed by `/connections` and the per-connection series.
@@ -248,6 +251,15 @@ impl Metrics {
                 "TLS handshakes that failed or timed out.",
                 &["leg"],
             ),
+            proxy_protocol_errors: {
+                let c = IntCounter::new(
+                    "wsbeat_proxy_protocol_errors_total",
+                    "Connections closed for a missing, invalid or late PROXY protocol header.",
+                )
+                .expect("valid metric");
+                r.register(Box::new(c.clone())).expect("registered once");
+                c
+            },
             connection_last_seen: gauge(
                 "wsbeat_connection_last_seen_seconds",
                 "Seconds since the client's last frame, per connection (metrics.per_connection).",

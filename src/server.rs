@@ -27,6 +27,7 @@ use crate::forwarding::{copy_end_to_end, ClientInfo};
 use crate::handshake::{self, is_upgrade_request, MAX_REQUEST_HEAD};
 use crate::metrics::Metrics;
 use crate::passthrough::Passthrough;
+use crate::proxy_protocol;
 use crate::relay::{self, RelayContext};
 use crate::tls::{self, LegStream};
 use crate::upstream::{self, Dialed};
@@ -101,8 +102,36 @@ impl Proxy {
         }
     }
 
-    async fn serve_connection(self: Arc<Self>, stream: TcpStream, addr: SocketAddr) {
+    /// With `proxy_protocol`: the client's address from the PROXY header (the peer's for
+    /// a `LOCAL` one), or `None` when the connection must be closed: it is counted and
+    /// logged at debug level, never handed to hyper.
+    async fn read_proxy_header(
+        &self,
+        stream: &mut TcpStream,
+        peer: SocketAddr,
+    ) -> Option<SocketAddr> {
+        let deadline = self.config.limits.handshake_timeout.0;
+        match proxy_protocol::read_header(stream, deadline).await {
+            Ok(proxy_protocol::Header::Proxied { source, .. }) => Some(source),
+            Ok(proxy_protocol::Header::Local) => Some(peer),
+            Err(e) => {
+                self.metrics.proxy_protocol_errors.inc();
+                tracing::debug!(peer = %peer, error = %e, "connection closed: no valid PROXY header");
+                None
+            }
+        }
+    }
+
+    async fn serve_connection(self: Arc<Self>, mut stream: TcpStream, addr: SocketAddr) {
         let _ = stream.set_nodelay(true);
+        let addr = if self.config.proxy_protocol {
+            match self.read_proxy_header(&mut stream, addr).await {
+                Some(client) => client,
+                None => return,
+            }
+        } else {
+            addr
+        };
         let stream = match &self.tls.acceptor {
             None => LegStream::Plain(stream),
             Some(acceptor) => match self.accept_tls(acceptor, stream, addr).await {

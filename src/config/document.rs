@@ -16,6 +16,14 @@ use super::{ByteSize, ConfigError, HumanDuration, RouteConfig, UpstreamUrl};
 pub struct Config {
     /// Address of the public listener: WebSockets and plain HTTP on one port.
     pub listen: SocketAddr,
+    /// Every accepted connection starts with a PROXY protocol header (v1 or v2, told
+    /// apart by its first bytes), as an L4 load balancer sends it (AWS NLB, HAProxy
+    /// `send-proxy`/`send-proxy-v2`). Its source address is the client's address; a v2
+    /// `LOCAL` header (a health check) keeps the peer's. It is read within
+    /// `limits.handshake_timeout`, before TLS; a connection without a valid header is
+    /// closed and counted (`wsbeat_proxy_protocol_errors_total`). Only turn this on
+    /// when every connection comes through such a load balancer.
+    pub proxy_protocol: bool,
     /// Terminate TLS on the public listener. Absent: plain TCP.
     pub tls: Option<TlsConfig>,
     /// The admin listener (`/metrics`, `/livez`, `/readyz`, `/connections`).
@@ -49,6 +57,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            proxy_protocol: false,
             tls: None,
             admin: AdminConfig::default(),
             upstream: UpstreamConfig::default(),

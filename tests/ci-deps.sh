@@ -14,6 +14,8 @@ command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 # tests/it/netns.rs makes network namespaces with `ip`; it runs as root in CI.
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+# tests/it/proxy_protocol.rs puts a real HAProxy (mode tcp, send-proxy[-v2]) in front.
+command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 if [ "${#missing[@]}" -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
@@ -23,3 +25,4 @@ python3 -c 'import prometheus_client.parser, kosoku'
 promtool --version >/dev/null
 openssl version >/dev/null
 ip -V >/dev/null
+haproxy -v >/dev/null

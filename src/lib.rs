@@ -72,6 +72,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // `validate` reads no file: the certificate files are loaded here, once, before
     // binding; `serve` uses what was loaded (and checked), never a second read.
     let tls = tls::Setup::load(&config)?;
+    // Before the TCP cap is derived from it (`limits.max_tcp_connections: null`).
+    server::raise_open_file_limit();
     let listener = bind(config.listen).await?;
     let admin = match config.admin.listen {
         Some(addr) => Some(bind(addr).await?),

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::time::Instant;
@@ -83,6 +83,8 @@ pub struct Metrics {
     /// TLS handshakes that failed, by `leg` (a client that sends nothing and closes is
     /// not counted; one that sends nothing until `limits.handshake_timeout` is).
     pub tls_handshake_errors: IntCounterVec,
+    /// Accepted client TCP connections open now (`limits.max_tcp_connections`).
+    pub tcp_connections_active: IntGauge,
     /// Connections closed because they did not start with a valid PROXY protocol header
     /// (`proxy_protocol: true`).
     pub proxy_protocol_errors: IntCounter,
@@ -251,6 +253,15 @@ impl Metrics {
                 "TLS handshakes that failed or timed out.",
                 &["leg"],
             ),
+            tcp_connections_active: {
+                let g = IntGauge::new(
+                    "wsbeat_tcp_connections_active",
+                    "Accepted client TCP connections open now, of every kind.",
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("registered once");
+                g
+            },
             proxy_protocol_errors: {
                 let c = IntCounter::new(
                     "wsbeat_proxy_protocol_errors_total",

@@ -51,6 +51,8 @@ pub struct Proxy {
     passthrough: Passthrough,
     /// One permit per proxied WebSocket: `limits.max_connections`.
     connections: Arc<Semaphore>,
+    /// One permit per accepted client TCP connection: `limits.max_tcp_connections`.
+    tcp_slots: Arc<Semaphore>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     next_id: AtomicU64,
@@ -74,6 +76,9 @@ impl Proxy {
             metrics,
             tls,
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+            tcp_slots: Arc::new(Semaphore::new(tcp_connection_cap(
+                config.limits.max_tcp_connections,
+            ))),
             config,
             shutdown,
             tracker,
@@ -84,6 +89,15 @@ impl Proxy {
     /// Accepts connections until the shutdown token fires.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
+            // At `max_tcp_connections` nothing is accepted until a connection closes:
+            // new ones wait in the kernel's backlog, never accepted and reset.
+            let slot = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                slot = self.tcp_slots.clone().acquire_owned() => match slot {
+                    Ok(permit) => TcpSlot::new(permit, &self.metrics),
+                    Err(_) => return, // the semaphore is never closed
+                },
+            };
             let accepted = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 accepted = listener.accept() => accepted,
@@ -91,8 +105,9 @@ impl Proxy {
             match accepted {
                 Ok((stream, addr)) => {
                     let proxy = self.clone();
-                    self.tracker
-                        .spawn(async move { proxy.serve_connection(stream, addr).await });
+                    self.tracker.spawn(async move {
+                        proxy.serve_connection(stream, addr, Arc::new(slot)).await
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -122,7 +137,14 @@ impl Proxy {
         }
     }
 
-    async fn serve_connection(self: Arc<Self>, mut stream: TcpStream, addr: SocketAddr) {
+    /// Serves one client connection. `slot` is its place under `max_tcp_connections`:
+    /// held by the HTTP connection and, after an upgrade, by the WebSocket's task.
+    async fn serve_connection(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        addr: SocketAddr,
+        slot: Arc<TcpSlot>,
+    ) {
         let _ = stream.set_nodelay(true);
         let addr = if self.config.proxy_protocol {
             match self.read_proxy_header(&mut stream, addr).await {
@@ -144,7 +166,11 @@ impl Proxy {
             tls: matches!(stream, LegStream::Tls(_)),
         };
         let proxy = self.clone();
-        let service = service_fn(move |req| proxy.clone().handle(req, info));
+        let service = service_fn(move |mut req: Request<Incoming>| {
+            // The WebSocket's task takes a clone: the slot is freed when both are done.
+            req.extensions_mut().insert(slot.clone());
+            proxy.clone().handle(req, info)
+        });
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(self.config.limits.handshake_timeout.0)
@@ -356,8 +382,10 @@ impl Proxy {
 
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let proxy = self.clone();
+        let tcp_slot = parts.extensions.get::<Arc<TcpSlot>>().cloned();
         self.tracker.spawn(async move {
             let _permit = permit;
+            let _tcp_slot = tcp_slot;
             let client = match client_upgrade.await.map(upstream::into_stream) {
                 Ok(Some(socket)) => socket,
                 Ok(None) => {
@@ -473,8 +501,81 @@ pub fn text(status: StatusCode, line: &str) -> Response<Body> {
     r
 }
 
+/// A client connection's place under `limits.max_tcp_connections`, counted in
+/// `wsbeat_tcp_connections_active` while held.
+pub struct TcpSlot {
+    _permit: OwnedSemaphorePermit,
+    active: prometheus::IntGauge,
+}
+
+impl TcpSlot {
+    fn new(permit: OwnedSemaphorePermit, metrics: &Metrics) -> Self {
+        metrics.tcp_connections_active.inc();
+        TcpSlot {
+            _permit: permit,
+            active: metrics.tcp_connections_active.clone(),
+        }
+    }
+}
+
+impl Drop for TcpSlot {
+    fn drop(&mut self) {
+        self.active.dec();
+    }
+}
+
+/// Raises the soft open-file limit to the hard one, as nginx's `worker_rlimit_nofile`
+/// and Go's runtime do: the default soft limit (often 1024) would cap a proxy at a few
+/// hundred connections. Logs the limit in force.
+pub fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "open-file limit raised"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit"),
+        },
+        Ok((soft, _)) => tracing::debug!(limit = soft, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
+}
+
+/// Descriptors kept out of the client budget: listeners, the admin server, certificate
+/// and config files, the runtime's own.
+const RESERVED_FILES: u64 = 64;
+
+/// `limits.max_tcp_connections`, or, when it is not set, half of the open-file limit
+/// less a reserve: each proxied connection holds two descriptors (client and upstream).
+pub fn tcp_connection_cap(configured: Option<usize>) -> usize {
+    if let Some(n) = configured {
+        return n;
+    }
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    derived_cap(soft)
+}
+
+fn derived_cap(open_files: u64) -> usize {
+    let cap = open_files.saturating_sub(RESERVED_FILES) / 2;
+    usize::try_from(cap)
+        .unwrap_or(usize::MAX)
+        .clamp(1, tokio::sync::Semaphore::MAX_PERMITS)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_tcp_cap_is_half_the_open_files_less_a_reserve() {
+        assert_eq!(super::derived_cap(20_000), 9_968);
+        assert_eq!(super::derived_cap(1024), 480);
+        assert_eq!(super::derived_cap(10), 1);
+        assert_eq!(
+            super::derived_cap(u64::MAX),
+            tokio::sync::Semaphore::MAX_PERMITS
+        );
+        assert_eq!(super::tcp_connection_cap(Some(7)), 7);
+    }
+
     use super::*;
     use hyper::Method;
 

@@ -208,6 +208,14 @@ impl Default for LivenessConfig {
 pub struct LimitsConfig {
     /// Proxied WebSockets at once; past it a handshake gets 503.
     pub max_connections: usize,
+    /// Client TCP connections at once, of every kind (WebSockets, plain-HTTP keep-alive
+    /// connections, TLS handshakes in progress). At the cap wsbeat stops accepting until
+    /// one closes: new connections wait in the kernel's backlog (and the load balancer
+    /// retries), they are never accepted and reset. `null`: derived from the open-file
+    /// limit (`RLIMIT_NOFILE`, raised to its hard limit at start-up), half of it less a
+    /// reserve, since a proxied connection needs two descriptors: wsbeat never fails
+    /// with "too many open files".
+    pub max_tcp_connections: Option<usize>,
     /// Largest message (and frame) accepted on either leg; a larger one closes with 1009.
     pub max_message_size: ByteSize,
     /// A client that has not sent a whole request head after this long is dropped.
@@ -220,6 +228,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_connections: 100_000,
+            max_tcp_connections: None,
             max_message_size: ByteSize(16 << 20),
             handshake_timeout: HumanDuration::secs(10),
             write_timeout: HumanDuration::secs(30),

@@ -42,6 +42,16 @@ impl Config {
                 format!("must be between 1 and {most}"),
             ));
         }
+        if self
+            .limits
+            .max_tcp_connections
+            .is_some_and(|n| !(1..=most).contains(&n))
+        {
+            return Err(invalid(
+                "limits.max_tcp_connections",
+                format!("must be between 1 and {most}, or null (derived from the open-file limit)"),
+            ));
+        }
         let max = self.limits.max_message_size.0;
         if max == 0 || max > 1 << 30 {
             return Err(invalid(

@@ -19,6 +19,7 @@ mod heartbeat;
 mod hostile;
 mod http;
 mod http_pool;
+mod limits;
 mod metrics;
 mod netns;
 mod proxy_protocol;

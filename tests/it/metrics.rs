@@ -56,6 +56,8 @@ const FAMILIES: &[(&str, &str)] = &[
     ("wsbeat_http_requests_total", "counter"),
     ("wsbeat_http_request_duration_seconds", "histogram"),
     ("wsbeat_upstream_retries_total", "counter"),
+    ("wsbeat_tcp_connections_active", "gauge"),
+    ("wsbeat_proxy_protocol_errors_total", "counter"),
     ("wsbeat_tls_handshake_errors_total", "counter"),
 ];
 const LAST_SEEN: &str = "wsbeat_connection_last_seen_seconds";

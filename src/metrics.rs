@@ -18,6 +18,11 @@ pub const PER_CONNECTION_CAP: usize = 1000;
 
 const DIRECTIONS: [&str; 2] = ["to_client", "to_upstream"];
 const KINDS: [&str; 3] = ["text", "binary", "close"];
+/// Why a WebSocket upgrade was refused before the upstream was dialled: the `reason` of
+/// `wsbeat_handshakes_rejected_total`.
+pub const HANDSHAKE_REJECT_REASONS: [&str; 5] =
+    ["origin", "max_connections", "per_ip", "bad_request", "path"];
+
 /// `reason` label values of `wsbeat_upstream_errors_total`.
 /// `timeout`, `connect`: dialing; `tls`: the upstream's certificate or TLS handshake;
 /// `handshake`, `refused`: the WebSocket handshake; `http`: a plain-HTTP exchange that
@@ -83,6 +88,9 @@ pub struct Metrics {
     /// TLS handshakes that failed, by `leg` (a client that sends nothing and closes is
     /// not counted; one that sends nothing until `limits.handshake_timeout` is).
     pub tls_handshake_errors: IntCounterVec,
+    /// WebSocket upgrades refused before the upstream was dialled, by `route` and one of
+    /// [`HANDSHAKE_REJECT_REASONS`].
+    pub handshakes_rejected: IntCounterVec,
     connection_last_seen: GaugeVec,
     connection_pong_rtt: GaugeVec,
     /// The live WebSockets, listed by `/connections` and the per-connection series.
@@ -248,6 +256,12 @@ impl Metrics {
                 "TLS handshakes that failed or timed out.",
                 &["leg"],
             ),
+            handshakes_rejected: counter(
+                &r,
+                "wsbeat_handshakes_rejected_total",
+                "WebSocket upgrades refused before the upstream was dialled, by reason.",
+                &["route", "reason"],
+            ),
             connection_last_seen: gauge(
                 "wsbeat_connection_last_seen_seconds",
                 "Seconds since the client's last frame, per connection (metrics.per_connection).",
@@ -286,6 +300,9 @@ impl Metrics {
                 for kind in KINDS {
                     m.messages.with_label_values(&[name, direction, kind]);
                 }
+            }
+            for reason in HANDSHAKE_REJECT_REASONS {
+                m.handshakes_rejected.with_label_values(&[name, reason]);
             }
             for reason in UPSTREAM_ERROR_REASONS {
                 m.upstream_errors.with_label_values(&[name, reason]);
@@ -450,6 +467,7 @@ mod tests {
             "wsbeat_http_requests_total",
             "wsbeat_http_request_duration_seconds",
             "wsbeat_upstream_retries_total",
+            "wsbeat_handshakes_rejected_total",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {family} ")),

@@ -21,6 +21,7 @@ mod http;
 mod http_pool;
 mod metrics;
 mod netns;
+mod paths;
 mod relay;
 mod structure;
 mod tls;

@@ -112,6 +112,10 @@ pub enum PathError {
     EncodedSlash,
     #[error("the path holds an encoded '\\' (%5C)")]
     EncodedBackslash,
+    /// A raw `\` is no path character (RFC 3986 §3.3), and browsers and some servers
+    /// read it as `/`: refused for the same reason as `%5C`.
+    #[error("the path holds a '\\'")]
+    Backslash,
     #[error("the path holds a NUL (%00)")]
     Nul,
     #[error("the path holds an invalid percent escape")]
@@ -125,9 +129,9 @@ pub enum PathError {
 /// (`/%61dmin/ws` and `//admin/ws` are `/admin/ws`). Escapes of unreserved characters
 /// (RFC 3986 §2.3) are decoded and every other escape is kept with uppercase hex; dot
 /// segments are removed (RFC 3986 §5.2.4, `..` above the root stays at the root) and
-/// repeated `/` merged. An encoded `/` or `\`, a NUL, an invalid escape, or bytes that
-/// are not UTF-8 once decoded (overlong forms included) have no canonical form: their
-/// meaning differs between backends. `path` is the path alone, without the query.
+/// repeated `/` merged. An encoded `/` or `\` (or a raw `\`), a NUL, an invalid escape,
+/// or bytes that are not UTF-8 once decoded (overlong forms included) have no canonical
+/// form: their meaning differs between backends. `path` is the path alone, without the query.
 pub fn canonical_path(path: &str) -> Result<String, PathError> {
     let bytes = path.as_bytes();
     // `kept`: the path with only unreserved escapes decoded; `decoded`: every escape
@@ -137,6 +141,9 @@ pub fn canonical_path(path: &str) -> Result<String, PathError> {
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
+        if b == b'\\' {
+            return Err(PathError::Backslash);
+        }
         if b != b'%' {
             // A str boundary: '%' is ASCII, so `i` starts a character here.
             let c = path[i..].chars().next().ok_or(PathError::InvalidEscape)?;
@@ -275,6 +282,7 @@ mod canonical_tests {
             ("/a%2fb", PathError::EncodedSlash),
             ("/a%5cb", PathError::EncodedBackslash),
             ("/a%5Cb", PathError::EncodedBackslash),
+            ("/a\\..\\b", PathError::Backslash),
             ("/a%00", PathError::Nul),
             ("/a%zz", PathError::InvalidEscape),
             ("/a%4", PathError::InvalidEscape),

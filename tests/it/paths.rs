@@ -40,6 +40,7 @@ const CASES: &[(&str, Expect)] = &[
     ("/admin%2fws", BadRequest),
     ("/admin/%5Cws", BadRequest),
     ("/admin/%5cws", BadRequest),
+    ("/x\\..\\admin/ws", BadRequest),
     ("/admin/%00", BadRequest),
     ("/%C0%AE%C0%AE/admin", BadRequest),
     ("/admin/%c0%ae", BadRequest),

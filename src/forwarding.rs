@@ -275,6 +275,39 @@ mod canonical_tests {
         }
     }
 
+    /// Every combination of a few tricky pieces: a canonical path is its own canonical
+    /// form, starts with `/`, and holds no empty, `.` or `..` segment.
+    #[test]
+    fn canonical_paths_are_fixed_points() {
+        const PIECES: &[&str] = &[
+            "/", "a", ".", "..", "%2e", "%2E%2e", "%61", "%7e", "~", "%25", "%c3%a9", "é", "%",
+            "%2f", "?",
+        ];
+        let mut paths = vec![String::new()];
+        for _ in 0..4 {
+            paths = paths
+                .iter()
+                .flat_map(|p| PIECES.iter().map(move |piece| format!("{p}{piece}")))
+                .collect();
+            for path in &paths {
+                let raw = format!("/{path}");
+                let Ok(canonical) = canonical_path(&raw) else {
+                    continue;
+                };
+                assert_eq!(canonical_path(&canonical).as_ref(), Ok(&canonical), "{raw}");
+                assert!(canonical.starts_with('/'), "{raw} -> {canonical}");
+                let inner = canonical.trim_end_matches('/');
+                assert!(
+                    inner
+                        .split('/')
+                        .skip(1)
+                        .all(|s| !matches!(s, "" | "." | "..")),
+                    "{raw} -> {canonical}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn ambiguous_paths_have_no_canonical_form() {
         for (raw, error) in [

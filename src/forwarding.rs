@@ -1,5 +1,6 @@
 //! Header policy between the legs: which headers are end-to-end (RFC 9110 §7.6.1),
-//! comma-separated tokens, and what wsbeat adds about the client (`X-Forwarded-*`, `Via`).
+//! comma-separated tokens, and what wsbeat adds about the client (`X-Forwarded-*`, `Via`);
+//! and the request target both legs agree on: the canonical path and a single `Host`.
 
 use std::net::SocketAddr;
 

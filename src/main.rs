@@ -51,7 +51,8 @@ enum Command {
     /// Validate the configuration and print the effective config as YAML.
     Check {
         /// Also show which route a request path maps to (repeatable), e.g.
-        /// `--route /ws/chat/1`; printed as YAML comments after the config.
+        /// `--route /ws/chat/1`; printed as YAML comments after the config. Paths are
+        /// matched on their canonical form, as requests are.
         #[arg(long = "route", value_name = "PATH")]
         routes: Vec<String>,
     },
@@ -121,7 +122,15 @@ async fn main() -> ExitCode {
                     let resolved = config.routes();
                     for path in routes {
                         let without_query = path.split(['?', '#']).next().unwrap_or(path);
-                        let route = resolved.resolve(without_query);
+                        // Routed as a request would be: on the canonical path.
+                        let canonical = match wsbeat::forwarding::canonical_path(without_query) {
+                            Ok(canonical) => canonical,
+                            Err(e) => {
+                                println!("# {path} -> 400 ({e})");
+                                continue;
+                            }
+                        };
+                        let route = resolved.resolve(&canonical);
                         println!(
                             "# {path} -> route `{}` (prefix {}, upstream {})",
                             route.name, route.path, route.upstream.url

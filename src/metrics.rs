@@ -18,6 +18,11 @@ pub const PER_CONNECTION_CAP: usize = 1000;
 
 const DIRECTIONS: [&str; 2] = ["to_client", "to_upstream"];
 const KINDS: [&str; 3] = ["text", "binary", "close"];
+/// Why a WebSocket upgrade was refused before the upstream was dialled: the `reason` of
+/// `wsbeat_handshakes_rejected_total`.
+pub const HANDSHAKE_REJECT_REASONS: [&str; 5] =
+    ["origin", "max_connections", "per_ip", "bad_request", "path"];
+
 /// `reason` label values of `wsbeat_upstream_errors_total`.
 /// `timeout`, `connect`: dialing; `tls`: the upstream's certificate or TLS handshake;
 /// `handshake`, `refused`: the WebSocket handshake; `http`: a plain-HTTP exchange that
@@ -88,6 +93,9 @@ pub struct Metrics {
     /// Connections closed because they did not start with a valid PROXY protocol header
     /// (`proxy_protocol: true`).
     pub proxy_protocol_errors: IntCounter,
+    /// WebSocket upgrades refused before the upstream was dialled, by `route` and one of
+    /// [`HANDSHAKE_REJECT_REASONS`].
+    pub handshakes_rejected: IntCounterVec,
     connection_last_seen: GaugeVec,
     connection_pong_rtt: GaugeVec,
     /// The live WebSockets, listed by `/connections` and the per-connection series.
@@ -271,6 +279,12 @@ impl Metrics {
                 r.register(Box::new(c.clone())).expect("registered once");
                 c
             },
+            handshakes_rejected: counter(
+                &r,
+                "wsbeat_handshakes_rejected_total",
+                "WebSocket upgrades refused before the upstream was dialled, by reason.",
+                &["route", "reason"],
+            ),
             connection_last_seen: gauge(
                 "wsbeat_connection_last_seen_seconds",
                 "Seconds since the client's last frame, per connection (metrics.per_connection).",
@@ -309,6 +323,9 @@ impl Metrics {
                 for kind in KINDS {
                     m.messages.with_label_values(&[name, direction, kind]);
                 }
+            }
+            for reason in HANDSHAKE_REJECT_REASONS {
+                m.handshakes_rejected.with_label_values(&[name, reason]);
             }
             for reason in UPSTREAM_ERROR_REASONS {
                 m.upstream_errors.with_label_values(&[name, reason]);
@@ -473,6 +490,7 @@ mod tests {
             "wsbeat_http_requests_total",
             "wsbeat_http_request_duration_seconds",
             "wsbeat_upstream_retries_total",
+            "wsbeat_handshakes_rejected_total",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {family} ")),

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Route, Routes};
 use crate::conn::ConnectionView;
-use crate::forwarding::{copy_end_to_end, ClientInfo};
+use crate::forwarding::{canonical_path, check_host, copy_end_to_end, ClientInfo};
 use crate::handshake::{self, is_upgrade_request, MAX_REQUEST_HEAD};
 use crate::metrics::Metrics;
 use crate::passthrough::Passthrough;
@@ -230,11 +230,29 @@ impl Proxy {
 
     async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         info: ClientInfo,
     ) -> Result<Response<Body>, Infallible> {
-        let route = self.routes.resolve(req.uri().path()).clone();
-        let response = self.clone().respond(req, info, route.clone()).await;
+        let target = canonical_target(&req);
+        // A refused target is counted on the route its raw path names.
+        let path = match &target {
+            Ok(uri) => uri.path(),
+            Err(_) => req.uri().path(),
+        };
+        let route = self.routes.resolve(path).clone();
+        let response = match target {
+            Ok(uri) => {
+                *req.uri_mut() = uri;
+                self.clone().respond(req, info, route.clone()).await
+            }
+            Err((reason, message)) => {
+                tracing::debug!(client = %info.addr, target = %req.uri(), reason = %message, "request target refused");
+                if is_upgrade_request(req.headers()) {
+                    self.count_rejection(&route, reason);
+                }
+                text(StatusCode::BAD_REQUEST, &message)
+            }
+        };
         self.metrics
             .http_requests
             .with_label_values(&[&route.name, response.status().as_str()])
@@ -256,6 +274,7 @@ impl Proxy {
             return self.forward_http(req, info, &route).await;
         }
         if let Err(rejection) = check_handshake(&req) {
+            self.count_rejection(&route, "bad_request");
             return rejection;
         }
         if self.shutdown.is_cancelled() {
@@ -264,6 +283,7 @@ impl Proxy {
         }
         if !route.origin_allowed(req.headers().get(header::ORIGIN).map(|o| o.as_bytes())) {
             tracing::info!(client = %info.addr, route = %route.name, origin = ?req.headers().get(header::ORIGIN), "WebSocket from an origin not in allowed_origins: refused");
+            self.count_rejection(&route, "origin");
             return text(
                 StatusCode::FORBIDDEN,
                 "wsbeat: this Origin may not open WebSockets here",
@@ -271,12 +291,21 @@ impl Proxy {
         }
         let Ok(permit) = self.connections.clone().try_acquire_owned() else {
             tracing::warn!(client = %info.addr, "max_connections reached: refusing a WebSocket");
+            self.count_rejection(&route, "max_connections");
             return text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "wsbeat: too many connections",
             );
         };
         self.proxy_websocket(req, info, route, permit).await
+    }
+
+    /// Counts a WebSocket upgrade refused before the upstream was dialled.
+    fn count_rejection(&self, route: &Route, reason: &str) {
+        self.metrics
+            .handshakes_rejected
+            .with_label_values(&[&route.name, reason])
+            .inc();
     }
 
     /// A request that is not a WebSocket upgrade: proxied as plain HTTP.
@@ -438,6 +467,30 @@ impl Proxy {
         });
         response
     }
+}
+
+/// The target wsbeat routes on and forwards: origin form, the canonical path
+/// ([`canonical_path`]) and the query exactly as sent. Refused, with the `reason` label of
+/// `wsbeat_handshakes_rejected_total` and a one-line message for the 400, when `Host` is
+/// ambiguous (RFC 9112 §3.2) or the path has no canonical form.
+fn canonical_target<B>(req: &Request<B>) -> Result<Uri, (&'static str, String)> {
+    check_host(req.uri(), req.headers()).map_err(|e| ("bad_request", format!("wsbeat: {e}")))?;
+    let path = req.uri().path();
+    if !path.starts_with('/') {
+        // `*` (OPTIONS): no path to route on; the code that answers it decides.
+        return Ok(req.uri().clone());
+    }
+    let canonical = canonical_path(path).map_err(|e| ("path", format!("wsbeat: {e}")))?;
+    let target = match req.uri().query() {
+        Some(query) => format!("{canonical}?{query}"),
+        None => canonical,
+    };
+    target.parse().map_err(|_| {
+        (
+            "path",
+            "wsbeat: the canonical path is not a valid request target".to_owned(),
+        )
+    })
 }
 
 /// The handshake checks of [`handshake::check`], answered: 400 with the reason, or 426

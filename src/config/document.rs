@@ -106,7 +106,8 @@ impl Default for AdminConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// `ws://host:port` (or `wss://`). The request path and query are forwarded unchanged.
+    /// `ws://host:port` (or `wss://`). The request's canonical path and its query, as
+    /// sent, are forwarded.
     pub url: UpstreamUrl,
     /// Time allowed to connect and complete the upstream handshake; past it the client
     /// gets 504.

@@ -78,7 +78,7 @@ impl FromStr for UpstreamUrl {
         };
         if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
             return Err(format!(
-                "`{s}`: an upstream URL has no path or query (the client's path and query are forwarded unchanged)"
+                "`{s}`: an upstream URL has no path or query (the client's path and query are forwarded)"
             ));
         }
         Ok(UpstreamUrl {

@@ -105,6 +105,7 @@ fn check_shows_which_route_each_path_maps_to() {
         .arg(file.path())
         .args(["--route", "/ws/chat/1", "--route", "/ws/chatroom?x=1"])
         .args(["--route", "/ws", "--route", "/index.html"])
+        .args(["--route", "//ws/%63hat/../chat/2", "--route", "/ws%2Fchat"])
         .output()
         .unwrap();
     assert!(
@@ -121,6 +122,8 @@ fn check_shows_which_route_each_path_maps_to() {
             "# /ws/chatroom?x=1 -> route `/ws` (prefix /ws, upstream ws://ws:8000)",
             "# /ws -> route `/ws` (prefix /ws, upstream ws://ws:8000)",
             "# /index.html -> route `default` (prefix /, upstream ws://127.0.0.1:8000)",
+            "# //ws/%63hat/../chat/2 -> route `chat` (prefix /ws/chat, upstream ws://chat:8000)",
+            "# /ws%2Fchat -> 400 (the path holds an encoded '/' (%2F))",
         ]
     );
     // Still a valid config file.

@@ -22,6 +22,7 @@ mod http_pool;
 mod limits;
 mod metrics;
 mod netns;
+mod paths;
 mod proxy_protocol;
 mod relay;
 mod structure;

@@ -58,6 +58,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("wsbeat_upstream_retries_total", "counter"),
     ("wsbeat_tcp_connections_active", "gauge"),
     ("wsbeat_proxy_protocol_errors_total", "counter"),
+    ("wsbeat_handshakes_rejected_total", "counter"),
     ("wsbeat_tls_handshake_errors_total", "counter"),
 ];
 const LAST_SEEN: &str = "wsbeat_connection_last_seen_seconds";

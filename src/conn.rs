@@ -2,9 +2,9 @@
 //! admin listener: its two legs, per-leg data, how it ended, and the registry of live
 //! connections behind `/connections`. A leaf: it imports no other wsbeat module.
 
+use crate::forwarding::ClientAddr;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
 use std::ops::{Index, IndexMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -184,7 +184,8 @@ impl Summary {
 #[derive(Debug)]
 pub struct ConnectionView {
     pub id: u64,
-    pub client_addr: SocketAddr,
+    /// The client (behind trusted proxies: the address they name, without a port).
+    pub client_addr: ClientAddr,
     pub route: String,
     pub upstream: String,
     pub started: Instant,
@@ -203,7 +204,7 @@ pub struct ConnectionView {
 impl ConnectionView {
     pub fn new(
         id: u64,
-        client_addr: SocketAddr,
+        client_addr: ClientAddr,
         route: &str,
         upstream: String,
         started: Instant,
@@ -347,7 +348,7 @@ mod tests {
         let view = |id| {
             Arc::new(ConnectionView::new(
                 id,
-                ([127, 0, 0, 1], 1).into(),
+                std::net::SocketAddr::from(([127, 0, 0, 1], 1)).into(),
                 "default",
                 String::new(),
                 Instant::now(),

@@ -110,12 +110,13 @@ impl Proxy {
                 None => return,
             },
         };
-        let info = ClientInfo {
-            addr,
-            tls: matches!(stream, LegStream::Tls(_)),
-        };
+        let tls = matches!(stream, LegStream::Tls(_));
         let proxy = self.clone();
-        let service = service_fn(move |req| proxy.clone().handle(req, info));
+        let service = service_fn(move |req: Request<Incoming>| {
+            // Per request: behind a trusted proxy, each request names its own client.
+            let info = ClientInfo::new(addr, tls, req.headers(), &proxy.config.trusted_proxies);
+            proxy.clone().handle(req, info)
+        });
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(self.config.limits.handshake_timeout.0)
@@ -134,7 +135,7 @@ impl Proxy {
             }
         };
         if let Err(e) = result {
-            tracing::debug!(client = %addr, error = %e, "client connection ended with an error");
+            tracing::debug!(peer = %addr, error = %e, "client connection ended with an error");
         }
     }
 
@@ -169,7 +170,7 @@ impl Proxy {
             .tls_handshake_errors
             .with_label_values(&["client"])
             .inc();
-        tracing::debug!(client = %addr, error, "client TLS handshake failed");
+        tracing::debug!(peer = %addr, error, "client TLS handshake failed");
         None
     }
 
@@ -208,14 +209,14 @@ impl Proxy {
             return text(StatusCode::SERVICE_UNAVAILABLE, "wsbeat: shutting down");
         }
         if !route.origin_allowed(req.headers().get(header::ORIGIN).map(|o| o.as_bytes())) {
-            tracing::info!(client = %info.addr, route = %route.name, origin = ?req.headers().get(header::ORIGIN), "WebSocket from an origin not in allowed_origins: refused");
+            tracing::info!(client = %info.client, route = %route.name, origin = ?req.headers().get(header::ORIGIN), "WebSocket from an origin not in allowed_origins: refused");
             return text(
                 StatusCode::FORBIDDEN,
                 "wsbeat: this Origin may not open WebSockets here",
             );
         }
         let Ok(permit) = self.connections.clone().try_acquire_owned() else {
-            tracing::warn!(client = %info.addr, "max_connections reached: refusing a WebSocket");
+            tracing::warn!(client = %info.client, "max_connections reached: refusing a WebSocket");
             return text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "wsbeat: too many connections",
@@ -346,7 +347,7 @@ impl Proxy {
             let started = tokio::time::Instant::now();
             let view = Arc::new(ConnectionView::new(
                 id,
-                info.addr,
+                info.client,
                 &route.name,
                 route.upstream.url.to_string(),
                 started,
@@ -366,7 +367,7 @@ impl Proxy {
             proxy.metrics.close(&view, &summary);
             tracing::info!(
                 id,
-                client = %info.addr,
+                client = %info.client,
                 route = %route.name,
                 duration_s = started.elapsed().as_secs_f64(),
                 outcome = %summary.outcome,

@@ -24,3 +24,4 @@ mod netns;
 mod relay;
 mod structure;
 mod tls;
+mod trust;

@@ -7,12 +7,12 @@ use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use wsbeat::config::{Cidr, Config};
 
 use crate::common::*;
+use crate::trust::client_addrs;
 
 const NEEDS: &str = "needs HAProxy: apt-get install haproxy";
 
@@ -104,15 +104,7 @@ async fn behind_a_trusted_haproxy_the_backend_sees_https_and_the_real_client() {
     );
     let (socket, answer) = request_from("127.0.0.2", lb.addr, &upgrade).await;
     assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
-    let r = get(proxy.admin, "/connections").await;
-    let list: Value = serde_json::from_str(&r.body).unwrap();
-    let clients: Vec<&str> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|c| c["client_addr"].as_str())
-        .collect();
-    assert_eq!(clients, ["127.0.0.2"], "{}", r.body);
+    assert_eq!(client_addrs(proxy.admin, 1).await, ["127.0.0.2"]);
     drop(socket);
     let head = String::from_utf8(next_received(&mut received).await.head).unwrap();
     assert_eq!(

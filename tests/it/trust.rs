@@ -35,16 +35,26 @@ fn count(head: &str, name: &str) -> usize {
         .count()
 }
 
-/// The `client_addr` of every WebSocket `/connections` lists.
-async fn client_addrs(admin: std::net::SocketAddr) -> Vec<String> {
-    let r = get(admin, "/connections").await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    let list: Value = serde_json::from_str(&r.body).unwrap();
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["client_addr"].as_str().unwrap().to_owned())
-        .collect()
+/// The `client_addr` of every WebSocket `/connections` lists, once it lists `count` (a
+/// WebSocket is registered just after its 101 is sent); sorted.
+pub(crate) async fn client_addrs(admin: std::net::SocketAddr, count: usize) -> Vec<String> {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let r = get(admin, "/connections").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let list: Value = serde_json::from_str(&r.body).unwrap();
+        let mut addrs: Vec<String> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["client_addr"].as_str().unwrap().to_owned())
+            .collect();
+        if addrs.len() == count || std::time::Instant::now() > deadline {
+            addrs.sort();
+            return addrs;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 const SPOOFED: &str = "X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n\
@@ -96,7 +106,7 @@ async fn a_trusted_peer_is_believed_and_names_the_client() {
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
-    assert_eq!(client_addrs(proxy.admin).await, ["203.0.113.7"]);
+    assert_eq!(client_addrs(proxy.admin, 1).await, ["203.0.113.7"]);
     drop(socket);
     let head = String::from_utf8(next_received(&mut received).await.head).unwrap();
     assert_eq!(
@@ -145,24 +155,44 @@ async fn the_client_is_the_rightmost_untrusted_address_in_the_chain() {
         ("10.0.0.9, 10.0.0.5", "10.0.0.9"),
         ("::ffff:203.0.113.9", "203.0.113.9"),
     ];
-    for (xff, client) in cases {
+    let mut open = Vec::new();
+    for (xff, _) in cases {
         let (socket, answer) = raw_head(
             proxy.addr,
             &upgrade_with(&format!("X-Forwarded-For: {xff}\r\n")),
         )
         .await;
         assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
-        assert_eq!(client_addrs(proxy.admin).await, [client], "{xff}");
-        drop(socket);
-        // Gone from /connections before the next case.
-        let deadline = std::time::Instant::now() + PATIENCE;
-        while !client_addrs(proxy.admin).await.is_empty() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the WebSocket never closed"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        open.push(socket);
     }
+    let seen = client_addrs(proxy.admin, cases.len()).await;
+    let mut expected: Vec<&str> = cases.iter().map(|(_, client)| *client).collect();
+    expected.sort();
+    assert_eq!(seen, expected);
+    drop(open);
     proxy.stop().await;
+}
+
+#[tokio::test]
+async fn the_close_log_line_names_the_client_behind_a_trusted_peer() {
+    let backend = Backend::echo().await;
+    let config = write_temp_config(&format!(
+        "listen: 127.0.0.1:0\nadmin: {{ listen: null }}\ntrusted_proxies: [127.0.0.0/8]\n\
+         upstream: {{ url: \"ws://{}\" }}\n",
+        backend.addr
+    ));
+    let mut wsbeat = JsonWsbeat::spawn(&["--config", config.path()]);
+    let public = wsbeat.addr("listening");
+    let (socket, answer) = raw_head(
+        public,
+        &upgrade_with("X-Forwarded-For: 203.0.113.7, 127.0.0.9\r\n"),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    drop(socket);
+    // The backend runs on this test's runtime: wait for the log line off it.
+    let closed = tokio::task::spawn_blocking(move || wsbeat.next("websocket closed"))
+        .await
+        .unwrap();
+    assert_eq!(closed["client"], "203.0.113.7", "{closed}");
 }

@@ -1,10 +1,10 @@
 //! The vocabulary of one proxied connection, shared by the relay, the metrics and the
-//! admin listener: its two legs, per-leg data, how it ended, and the registry of live
-//! connections behind `/connections`. A leaf: it imports no other wsbeat module.
+//! admin listener: its two legs, per-leg data, the client's address, how it ended, and the
+//! registry of live connections behind `/connections`. A leaf: it imports no other wsbeat module.
 
-use crate::forwarding::ClientAddr;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::{Index, IndexMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -176,6 +176,34 @@ impl Summary {
         PerLeg {
             client: self.client_close_code,
             upstream: self.upstream_close_code,
+        }
+    }
+}
+
+/// A client address (logs, `/connections`, the close log line): with the port when it is
+/// the TCP peer, without one when a trusted proxy named it in `X-Forwarded-For`
+/// (`forwarding::ClientInfo`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr {
+    pub ip: IpAddr,
+    pub port: Option<u16>,
+}
+
+impl From<SocketAddr> for ClientAddr {
+    /// The TCP peer as a client address, IPv4-mapped IPv6 as IPv4.
+    fn from(peer: SocketAddr) -> Self {
+        ClientAddr {
+            ip: peer.ip().to_canonical(),
+            port: Some(peer.port()),
+        }
+    }
+}
+
+impl fmt::Display for ClientAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(port) => SocketAddr::new(self.ip, port).fmt(f),
+            None => self.ip.fmt(f),
         }
     }
 }

@@ -2,12 +2,12 @@
 //! comma-separated tokens, who the client is behind trusted proxies, and what wsbeat adds
 //! about it (`X-Forwarded-*`, `X-Real-IP`, `Forwarded`, `Via`).
 
-use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::Cidr;
+use crate::conn::ClientAddr;
 
 /// What wsbeat adds to `Via` (RFC 9110 §7.6.3).
 pub const VIA: &str = "1.1 wsbeat";
@@ -31,33 +31,6 @@ pub struct ClientInfo {
     pub client: ClientAddr,
     /// True when the peer reached wsbeat over TLS.
     pub tls: bool,
-}
-
-/// A client address: with the port when it is the TCP peer, without one when it was
-/// read from `X-Forwarded-For`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientAddr {
-    pub ip: IpAddr,
-    pub port: Option<u16>,
-}
-
-impl From<SocketAddr> for ClientAddr {
-    /// The TCP peer as a client address, IPv4-mapped IPv6 as IPv4.
-    fn from(peer: SocketAddr) -> Self {
-        ClientAddr {
-            ip: peer.ip().to_canonical(),
-            port: Some(peer.port()),
-        }
-    }
-}
-
-impl fmt::Display for ClientAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.port {
-            Some(port) => SocketAddr::new(self.ip, port).fmt(f),
-            None => self.ip.fmt(f),
-        }
-    }
 }
 
 impl ClientInfo {

@@ -1,10 +1,10 @@
 //! The vocabulary of one proxied connection, shared by the relay, the metrics and the
-//! admin listener: its two legs, per-leg data, how it ended, and the registry of live
-//! connections behind `/connections`. A leaf: it imports no other wsbeat module.
+//! admin listener: its two legs, per-leg data, the client's address, how it ended, and the
+//! registry of live connections behind `/connections`. A leaf: it imports no other wsbeat module.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::{Index, IndexMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -180,11 +180,40 @@ impl Summary {
     }
 }
 
+/// A client address (logs, `/connections`, the close log line): with the port when it is
+/// the TCP peer, without one when a trusted proxy named it in `X-Forwarded-For`
+/// (`forwarding::ClientInfo`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr {
+    pub ip: IpAddr,
+    pub port: Option<u16>,
+}
+
+impl From<SocketAddr> for ClientAddr {
+    /// The TCP peer as a client address, IPv4-mapped IPv6 as IPv4.
+    fn from(peer: SocketAddr) -> Self {
+        ClientAddr {
+            ip: peer.ip().to_canonical(),
+            port: Some(peer.port()),
+        }
+    }
+}
+
+impl fmt::Display for ClientAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(port) => SocketAddr::new(self.ip, port).fmt(f),
+            None => self.ip.fmt(f),
+        }
+    }
+}
+
 /// What `/connections` shows of one live WebSocket; the relay updates it as it goes.
 #[derive(Debug)]
 pub struct ConnectionView {
     pub id: u64,
-    pub client_addr: SocketAddr,
+    /// The client (behind trusted proxies: the address they name, without a port).
+    pub client_addr: ClientAddr,
     pub route: String,
     pub upstream: String,
     pub started: Instant,
@@ -203,7 +232,7 @@ pub struct ConnectionView {
 impl ConnectionView {
     pub fn new(
         id: u64,
-        client_addr: SocketAddr,
+        client_addr: ClientAddr,
         route: &str,
         upstream: String,
         started: Instant,
@@ -347,7 +376,7 @@ mod tests {
         let view = |id| {
             Arc::new(ConnectionView::new(
                 id,
-                ([127, 0, 0, 1], 1).into(),
+                std::net::SocketAddr::from(([127, 0, 0, 1], 1)).into(),
                 "default",
                 String::new(),
                 Instant::now(),

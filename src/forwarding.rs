@@ -1,20 +1,87 @@
 //! Header policy between the legs: which headers are end-to-end (RFC 9110 §7.6.1),
-//! comma-separated tokens, and what wsbeat adds about the client (`X-Forwarded-*`, `Via`);
-//! and the request target both legs agree on: the canonical path and a single `Host`.
+//! comma-separated tokens, who the client is behind trusted proxies, and what wsbeat adds
+//! about it (`X-Forwarded-*`, `X-Real-IP`, `Forwarded`, `Via`); and the request target
+//! both legs agree on: the canonical path and a single `Host`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::config::Cidr;
+use crate::conn::ClientAddr;
 
 /// What wsbeat adds to `Via` (RFC 9110 §7.6.3).
 pub const VIA: &str = "1.1 wsbeat";
 
-/// The client's side of the connection, for `X-Forwarded-*`.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// Who sent one request: the peer that wsbeat's socket is connected to, and the client
+/// behind it, for `X-Forwarded-*`, logs and `/connections`.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientInfo {
-    pub addr: SocketAddr,
-    /// True when the client reached wsbeat over TLS.
+    /// The address of the TCP peer (a load balancer, when there is one), IPv4-mapped
+    /// IPv6 shown as IPv4. `trusted_proxies` is matched against it.
+    pub peer: SocketAddr,
+    /// Whether `peer` is in `trusted_proxies`: then its forwarding headers are believed.
+    pub peer_trusted: bool,
+    /// The client: the peer itself, or, from a trusted peer, the rightmost
+    /// `X-Forwarded-For` address that is not itself trusted.
+    pub client: ClientAddr,
+    /// True when the peer reached wsbeat over TLS.
     pub tls: bool,
+}
+
+impl ClientInfo {
+    /// Who sent a request with `headers` on a connection from `peer`: the peer, or, when
+    /// the peer is in `trusted`, the client its `X-Forwarded-For` names (nginx's
+    /// `real_ip_recursive on`: the rightmost address that is not itself trusted; if all
+    /// are, the leftmost). An address wsbeat cannot read stops the walk: nothing to its
+    /// left is believed.
+    pub fn new(peer: SocketAddr, tls: bool, headers: &HeaderMap, trusted: &[Cidr]) -> Self {
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let is_trusted = |ip: IpAddr| trusted.iter().any(|net| net.contains(ip));
+        let peer_trusted = is_trusted(peer.ip());
+        let mut client = ClientAddr::from(peer);
+        if peer_trusted {
+            let forwarded: Vec<&str> = header_tokens(headers, &X_FORWARDED_FOR).collect();
+            for entry in forwarded.iter().rev() {
+                let Some(ip) = forwarded_ip(entry) else {
+                    break;
+                };
+                client = ClientAddr { ip, port: None };
+                if !is_trusted(ip) {
+                    break;
+                }
+            }
+        }
+        ClientInfo {
+            peer,
+            peer_trusted,
+            client,
+            tls,
+        }
+    }
+}
+
+/// One `X-Forwarded-For` entry: an IP address, IPv4-mapped IPv6 read as IPv4. Some
+/// proxies add a port (`192.0.2.1:8080`, `[2001:db8::1]:8080`) or brackets; both are
+/// accepted and the port dropped.
+fn forwarded_ip(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    let ip = entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        .or_else(|| {
+            entry
+                .strip_prefix('[')
+                .and_then(|e| e.strip_suffix(']'))
+                .and_then(|e| e.parse::<IpAddr>().ok())
+        })?;
+    Some(ip.to_canonical())
 }
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus the WebSocket
@@ -69,29 +136,89 @@ pub fn header_tokens<'a>(
         .filter(|t| !t.is_empty())
 }
 
-/// Adds `X-Forwarded-For` (the client's own list, then the address wsbeat saw),
-/// `X-Forwarded-Proto` and `X-Forwarded-Host` (the client's `Host`) to a request bound
-/// for the upstream. The client's `Host` itself is forwarded unchanged.
+/// Adds what the upstream needs to know about the client to a request bound for it;
+/// `client` is the client's request head, `out` the upstream request's headers with the
+/// end-to-end ones already copied. The client's `Host` itself is forwarded unchanged.
+///
+/// - `X-Forwarded-For`: the list that came, then the peer's address, always.
+/// - From a trusted peer, `X-Forwarded-Proto`, `X-Forwarded-Host`, `X-Real-IP` and
+///   `Forwarded` are kept as they came; the first three are set (below) only when absent.
+/// - From any other peer they are what wsbeat saw: `X-Forwarded-Proto` from its own
+///   listener, `X-Forwarded-Host` from `Host`, `X-Real-IP` the peer's address, and
+///   `Forwarded` wsbeat's own RFC 7239 element in place of whatever the client claimed.
 pub fn add_forwarding(client: &HeaderMap, info: ClientInfo, out: &mut HeaderMap) {
-    let ip = info.addr.ip().to_string();
-    let xff = match header_tokens(client, &HeaderName::from_static("x-forwarded-for"))
-        .collect::<Vec<_>>()
-    {
+    let ip = info.peer.ip().to_string();
+    let xff = match header_tokens(client, &X_FORWARDED_FOR).collect::<Vec<_>>() {
         prior if prior.is_empty() => ip,
         prior => format!("{}, {ip}", prior.join(", ")),
     };
-    out.remove("x-forwarded-for");
+    out.remove(&X_FORWARDED_FOR);
     if let Ok(v) = HeaderValue::from_str(&xff) {
-        out.insert("x-forwarded-for", v);
+        out.insert(&X_FORWARDED_FOR, v);
     }
-    out.insert(
-        "x-forwarded-proto",
-        HeaderValue::from_static(if info.tls { "https" } else { "http" }),
-    );
-    out.remove("x-forwarded-host");
-    if let Some(host) = client.get(header::HOST) {
-        out.insert("x-forwarded-host", host.clone());
+    let proto = if info.tls { "https" } else { "http" };
+    let host = client.get(header::HOST);
+    if info.peer_trusted {
+        if !out.contains_key(&X_FORWARDED_PROTO) {
+            out.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        }
+        if let Some(host) = host.filter(|_| !out.contains_key(&X_FORWARDED_HOST)) {
+            out.insert(&X_FORWARDED_HOST, host.clone());
+        }
+        if !out.contains_key(&X_REAL_IP) {
+            if let Ok(v) = HeaderValue::from_str(&info.client.ip.to_string()) {
+                out.insert(&X_REAL_IP, v);
+            }
+        }
+        return;
     }
+    out.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    out.remove(&X_FORWARDED_HOST);
+    if let Some(host) = host {
+        out.insert(&X_FORWARDED_HOST, host.clone());
+    }
+    if let Ok(v) = HeaderValue::from_str(&info.peer.ip().to_string()) {
+        out.insert(&X_REAL_IP, v);
+    }
+    let element = forwarded_element(info.peer.ip(), proto, host.and_then(|h| h.to_str().ok()));
+    out.remove(header::FORWARDED);
+    if let Ok(v) = HeaderValue::from_str(&element) {
+        out.insert(header::FORWARDED, v);
+    }
+}
+
+/// wsbeat's own `Forwarded` element (RFC 7239 §4): `for`, `proto` and, when the client
+/// sent one, `host`. An IPv6 address is bracketed and quoted (§6); any value that is not
+/// a token is quoted.
+fn forwarded_element(peer: IpAddr, proto: &str, host: Option<&str>) -> String {
+    let node = match peer {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let mut element = format!("for={node};proto={proto}");
+    if let Some(host) = host.filter(|h| !h.is_empty()) {
+        element.push_str(";host=");
+        element.push_str(&token_or_quoted(host));
+    }
+    element
+}
+
+/// `value` as an RFC 9110 token when it is one, else as a quoted-string.
+fn token_or_quoted(value: &str) -> String {
+    let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if value.chars().all(tchar) {
+        return value.to_owned();
+    }
+    let mut quoted = String::with_capacity(value.len() + 2);
+    quoted.push('"');
+    for c in value.chars() {
+        if matches!(c, '"' | '\\') {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    quoted
 }
 
 /// Adds wsbeat to the `Via` list, after any earlier hops.
@@ -355,6 +482,157 @@ mod canonical_tests {
         assert_eq!(
             check_host(&absolute, &headers(&["example.com:8080"])),
             Err(HostError::DisagreesWithTarget)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn nets(list: &[&str]) -> Vec<Cidr> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    fn info(peer: &str, client: &HeaderMap, trusted: &[&str]) -> ClientInfo {
+        ClientInfo::new(peer.parse().unwrap(), false, client, &nets(trusted))
+    }
+
+    /// The upstream request's headers for a client request from `peer`.
+    fn forwarded(peer: &str, client: &[(&str, &str)], trusted: &[&str]) -> HeaderMap {
+        let client = headers(client);
+        let mut out = HeaderMap::new();
+        copy_end_to_end(&client, &mut out);
+        add_forwarding(&client, info(peer, &client, trusted), &mut out);
+        out
+    }
+
+    const SPOOFED: &[(&str, &str)] = &[
+        ("host", "app.example:8443"),
+        ("x-forwarded-for", "203.0.113.7"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-real-ip", "198.51.100.1"),
+        ("forwarded", "for=198.51.100.1;proto=https"),
+    ];
+
+    #[test]
+    fn an_untrusted_peer_cannot_claim_an_identity() {
+        let h = forwarded("192.0.2.7:5555", SPOOFED, &["10.0.0.0/8"]);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 192.0.2.7");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "app.example:8443");
+        assert_eq!(h["x-real-ip"], "192.0.2.7");
+        assert_eq!(
+            h["forwarded"],
+            "for=192.0.2.7;proto=http;host=\"app.example:8443\""
+        );
+        for name in [
+            "x-real-ip",
+            "forwarded",
+            "x-forwarded-proto",
+            "x-forwarded-for",
+        ] {
+            assert_eq!(h.get_all(name).iter().count(), 1, "{name}");
+        }
+        let client = headers(SPOOFED);
+        let i = info("192.0.2.7:5555", &client, &["10.0.0.0/8"]);
+        assert!(!i.peer_trusted);
+        assert_eq!(i.client.to_string(), "192.0.2.7:5555");
+    }
+
+    #[test]
+    fn a_trusted_peer_is_believed() {
+        let h = forwarded("10.1.2.3:5555", SPOOFED, &["10.0.0.0/8"]);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "evil.example");
+        assert_eq!(h["x-real-ip"], "198.51.100.1");
+        assert_eq!(h["forwarded"], "for=198.51.100.1;proto=https");
+        let client = headers(SPOOFED);
+        let i = info("10.1.2.3:5555", &client, &["10.0.0.0/8"]);
+        assert!(i.peer_trusted);
+        assert_eq!(i.client.to_string(), "203.0.113.7");
+    }
+
+    #[test]
+    fn a_trusted_peer_that_says_nothing_gets_what_wsbeat_saw() {
+        let h = forwarded(
+            "10.1.2.3:5555",
+            &[("host", "app.example"), ("x-forwarded-for", "203.0.113.7")],
+            &["10.0.0.0/8"],
+        );
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "app.example");
+        assert_eq!(h["x-real-ip"], "203.0.113.7");
+        assert!(h.get("forwarded").is_none());
+    }
+
+    #[test]
+    fn the_client_is_the_rightmost_untrusted_address() {
+        let trusted = ["10.0.0.0/8", "fc00::/7"];
+        let client = |xff: &[&str]| {
+            let pairs: Vec<(&str, &str)> = xff.iter().map(|v| ("x-forwarded-for", *v)).collect();
+            info("10.9.9.9:1", &headers(&pairs), &trusted)
+                .client
+                .to_string()
+        };
+        assert_eq!(client(&["203.0.113.7, 10.0.0.5"]), "203.0.113.7");
+        // A client's own claim left of the real address is not believed.
+        assert_eq!(client(&["1.1.1.1, 203.0.113.7, 10.0.0.5"]), "203.0.113.7");
+        // Several headers are one list, in order.
+        assert_eq!(client(&["1.1.1.1", "203.0.113.7, fd00::1"]), "203.0.113.7");
+        // All trusted: the leftmost.
+        assert_eq!(client(&["10.0.0.1, 10.0.0.2"]), "10.0.0.1");
+        // None readable, or none at all: the peer.
+        assert_eq!(client(&["unknown"]), "10.9.9.9:1");
+        assert_eq!(client(&[]), "10.9.9.9:1");
+        // An unreadable entry stops the walk: nothing left of it is believed.
+        assert_eq!(client(&["203.0.113.7, garbage, 10.0.0.5"]), "10.0.0.5");
+        // Ports and brackets are read and dropped; mapped IPv6 is IPv4.
+        assert_eq!(client(&["203.0.113.7:4444"]), "203.0.113.7");
+        assert_eq!(client(&["[2001:db8::1]:4444"]), "2001:db8::1");
+        assert_eq!(client(&["[2001:db8::2]"]), "2001:db8::2");
+        assert_eq!(client(&["::ffff:203.0.113.9, 10.0.0.5"]), "203.0.113.9");
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_peers_are_ipv4() {
+        let client = headers(&[("host", "h")]);
+        let i = info("[::ffff:127.0.0.1]:4000", &client, &[]);
+        assert_eq!(i.peer.to_string(), "127.0.0.1:4000");
+        assert_eq!(i.client.to_string(), "127.0.0.1:4000");
+        let h = forwarded("[::ffff:192.0.2.7]:4000", &[("host", "h")], &[]);
+        assert_eq!(h["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(h["x-real-ip"], "192.0.2.7");
+        assert_eq!(h["forwarded"], "for=192.0.2.7;proto=http;host=h");
+        // A trusted IPv4 network matches a mapped peer.
+        assert!(info("[::ffff:127.0.0.1]:4000", &client, &["127.0.0.0/8"]).peer_trusted);
+    }
+
+    #[test]
+    fn forwarded_quotes_what_is_not_a_token() {
+        let h = forwarded("[2001:db8::1]:443", &[], &[]);
+        assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=http");
+        assert_eq!(h["x-real-ip"], "2001:db8::1");
+        assert_eq!(
+            forwarded_element("192.0.2.1".parse().unwrap(), "https", Some("a\"b\\c")),
+            "for=192.0.2.1;proto=https;host=\"a\\\"b\\\\c\""
+        );
+        assert_eq!(
+            forwarded_element("192.0.2.1".parse().unwrap(), "http", Some("[::1]:8080")),
+            "for=192.0.2.1;proto=http;host=\"[::1]:8080\""
         );
     }
 }

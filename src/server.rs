@@ -161,14 +161,13 @@ impl Proxy {
                 None => return,
             },
         };
-        let info = ClientInfo {
-            addr,
-            tls: matches!(stream, LegStream::Tls(_)),
-        };
+        let tls = matches!(stream, LegStream::Tls(_));
         let proxy = self.clone();
         let service = service_fn(move |mut req: Request<Incoming>| {
             // The WebSocket's task takes a clone: the slot is freed when both are done.
             req.extensions_mut().insert(slot.clone());
+            // Per request: behind a trusted proxy, each request names its own client.
+            let info = ClientInfo::new(addr, tls, req.headers(), &proxy.config.trusted_proxies);
             proxy.clone().handle(req, info)
         });
         let conn = http1::Builder::new()
@@ -189,7 +188,7 @@ impl Proxy {
             }
         };
         if let Err(e) = result {
-            tracing::debug!(client = %addr, error = %e, "client connection ended with an error");
+            tracing::debug!(peer = %addr, error = %e, "client connection ended with an error");
         }
     }
 
@@ -224,7 +223,7 @@ impl Proxy {
             .tls_handshake_errors
             .with_label_values(&["client"])
             .inc();
-        tracing::debug!(client = %addr, error, "client TLS handshake failed");
+        tracing::debug!(peer = %addr, error, "client TLS handshake failed");
         None
     }
 
@@ -246,7 +245,7 @@ impl Proxy {
                 self.clone().respond(req, info, route.clone()).await
             }
             Err((reason, message)) => {
-                tracing::debug!(client = %info.addr, target = %req.uri(), reason = %message, "request target refused");
+                tracing::debug!(client = %info.client, target = %req.uri(), reason = %message, "request target refused");
                 if is_upgrade_request(req.headers()) {
                     self.count_rejection(&route, reason);
                 }
@@ -282,7 +281,7 @@ impl Proxy {
             return text(StatusCode::SERVICE_UNAVAILABLE, "wsbeat: shutting down");
         }
         if !route.origin_allowed(req.headers().get(header::ORIGIN).map(|o| o.as_bytes())) {
-            tracing::info!(client = %info.addr, route = %route.name, origin = ?req.headers().get(header::ORIGIN), "WebSocket from an origin not in allowed_origins: refused");
+            tracing::info!(client = %info.client, route = %route.name, origin = ?req.headers().get(header::ORIGIN), "WebSocket from an origin not in allowed_origins: refused");
             self.count_rejection(&route, "origin");
             return text(
                 StatusCode::FORBIDDEN,
@@ -290,7 +289,7 @@ impl Proxy {
             );
         }
         let Ok(permit) = self.connections.clone().try_acquire_owned() else {
-            tracing::warn!(client = %info.addr, "max_connections reached: refusing a WebSocket");
+            tracing::warn!(client = %info.client, "max_connections reached: refusing a WebSocket");
             self.count_rejection(&route, "max_connections");
             return text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -432,7 +431,7 @@ impl Proxy {
             let started = tokio::time::Instant::now();
             let view = Arc::new(ConnectionView::new(
                 id,
-                info.addr,
+                info.client,
                 &route.name,
                 route.upstream.url.to_string(),
                 started,
@@ -452,7 +451,7 @@ impl Proxy {
             proxy.metrics.close(&view, &summary);
             tracing::info!(
                 id,
-                client = %info.addr,
+                client = %info.client,
                 route = %route.name,
                 duration_s = started.elapsed().as_secs_f64(),
                 outcome = %summary.outcome,

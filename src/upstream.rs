@@ -286,10 +286,12 @@ mod tests {
             ],
             "http://evil.example/ws/chat?room=1",
         );
-        let info = ClientInfo {
-            addr: "192.0.2.7:5555".parse().unwrap(),
-            tls: false,
-        };
+        let info = ClientInfo::new(
+            "192.0.2.7:5555".parse().unwrap(),
+            false,
+            &client.headers,
+            &[],
+        );
         let req = upstream_request(&client, info, &UpstreamConfig::default(), "k");
         let h = req.headers();
         assert_eq!(req.uri(), "/ws/chat?room=1");

@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use super::{ByteSize, ConfigError, HumanDuration, RouteConfig, UpstreamUrl};
+use super::{ByteSize, Cidr, ConfigError, HumanDuration, RouteConfig, UpstreamUrl};
 
 /// The whole configuration file. Every key has a default, so a file holding only
 /// `upstream.url` works; unknown keys are errors.
@@ -24,6 +24,13 @@ pub struct Config {
     /// closed and counted (`wsbeat_proxy_protocol_errors_total`). Only turn this on
     /// when every connection comes through such a load balancer.
     pub proxy_protocol: bool,
+    /// Networks (`10.0.0.0/8`, `fc00::/7`, a bare address) of the load balancers and
+    /// proxies in front of wsbeat. From a peer in one of them, `X-Forwarded-Proto`,
+    /// `X-Forwarded-Host`, `X-Real-IP` and `Forwarded` are passed on as they came, and the
+    /// client address (logs, `/connections`) is the rightmost `X-Forwarded-For` address
+    /// that is not itself trusted. From any other peer, wsbeat sets them from what it saw.
+    /// `X-Forwarded-For` is always appended to. Empty (the default): nobody is trusted.
+    pub trusted_proxies: Vec<Cidr>,
     /// Terminate TLS on the public listener. Absent: plain TCP.
     pub tls: Option<TlsConfig>,
     /// The admin listener (`/metrics`, `/livez`, `/readyz`, `/connections`).
@@ -58,6 +65,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             proxy_protocol: false,
+            trusted_proxies: Vec::new(),
             tls: None,
             admin: AdminConfig::default(),
             upstream: UpstreamConfig::default(),

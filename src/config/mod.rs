@@ -1,10 +1,11 @@
 //! Configuration: the YAML document with its defaults (`document`), humane units
-//! (`units`), upstream URLs (`url`), routes and their per-route overrides (`routes`), and
+//! (`units`), IP networks (`cidr`), upstream URLs (`url`), routes and their per-route overrides (`routes`), and
 //! the pure `validate()` (`validate`). Loading the certificate files the document names is
 //! a step of its own, in `tls`.
 //!
 //! Every field's doc comment is the config reference; `config/wsbeat.yaml` mirrors it.
 
+mod cidr;
 mod document;
 mod routes;
 mod units;
@@ -16,6 +17,7 @@ mod tests;
 
 use std::path::PathBuf;
 
+pub use cidr::*;
 pub use document::*;
 pub use routes::*;
 pub use units::*;

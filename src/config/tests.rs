@@ -264,3 +264,19 @@ fn fuzz_regression_a_bracket_inside_the_host_is_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn trusted_proxies_are_networks_and_a_bad_one_is_named() {
+    assert!(Config::default().trusted_proxies.is_empty());
+    let c = parse("trusted_proxies: [10.0.0.0/8, \"fc00::/7\", 192.0.2.1]\n").unwrap();
+    let printed: Vec<String> = c.trusted_proxies.iter().map(|n| n.to_string()).collect();
+    assert_eq!(printed, ["10.0.0.0/8", "fc00::/7", "192.0.2.1/32"]);
+    assert!(c.to_yaml().contains("192.0.2.1/32"));
+    assert_eq!(parse(&c.to_yaml()).unwrap(), c);
+    for bad in ["10.0.0.0/33", "10.0.0/8", "10.0.0.1/8", "lb.internal"] {
+        let e = parse(&format!("trusted_proxies: [10.0.0.0/8, \"{bad}\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("trusted_proxies[1]"), "{e}");
+    }
+}

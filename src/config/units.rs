@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::UpstreamUrl;
+use super::{Cidr, UpstreamUrl};
 
 /// A duration written the humane way: `250ms`, `4s`, `1m`, `1h`, or a combination such as
 /// `1m30s`.
@@ -134,7 +134,7 @@ macro_rules! serde_via_str {
         }
     )*};
 }
-serde_via_str!(HumanDuration, ByteSize, UpstreamUrl);
+serde_via_str!(HumanDuration, ByteSize, UpstreamUrl, Cidr);
 
 /// A scalar read as text, so that `max_message_size: 65536` works as well as `64KiB`.
 struct StringOrNumber(String);

@@ -58,7 +58,7 @@ impl Harness {
             metrics: metrics.for_route(&route.name),
             view: Arc::new(ConnectionView::new(
                 1,
-                "127.0.0.1:1".parse().unwrap(),
+                std::net::SocketAddr::from(([127, 0, 0, 1], 1)).into(),
                 &route.name,
                 route.upstream.url.to_string(),
                 started,

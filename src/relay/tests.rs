@@ -31,7 +31,7 @@ fn start(client_buffer: usize, tune: impl FnOnce(&mut Config)) -> Harness {
     let started = Instant::now();
     let view = Arc::new(ConnectionView::new(
         1,
-        ([127, 0, 0, 1], 1).into(),
+        std::net::SocketAddr::from(([127, 0, 0, 1], 1)).into(),
         &route.name,
         String::new(),
         started,

@@ -2,7 +2,7 @@
 //! file), a module per area. Shared helpers live in `common`.
 //!
 //! `cargo test` needs only the Rust toolchain. A test that needs anything else (Python
-//! packages, promtool, openssl, Node and Chromium, root for network namespaces) is
+//! packages, promtool, openssl, HAProxy, Node and Chromium, root for network namespaces) is
 //! `#[ignore = "needs …: how to install"]`; `bash .ci/run` installs all of it and runs
 //! `cargo test -- --include-ignored`.
 
@@ -15,6 +15,7 @@ mod conformance;
 mod contract;
 mod drain;
 mod faults;
+mod haproxy;
 mod heartbeat;
 mod hostile;
 mod http;
@@ -27,3 +28,4 @@ mod proxy_protocol;
 mod relay;
 mod structure;
 mod tls;
+mod trust;

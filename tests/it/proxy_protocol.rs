@@ -168,7 +168,7 @@ impl Haproxy {
             ),
         )
         .unwrap();
-        let child = std::process::Command::new("haproxy")
+        let child = std::process::Command::new("/usr/sbin/haproxy")
             .arg("-db")
             .arg("-f")
             .arg(&cfg)

@@ -51,6 +51,8 @@ pub struct Proxy {
     passthrough: Passthrough,
     /// One permit per proxied WebSocket: `limits.max_connections`.
     connections: Arc<Semaphore>,
+    /// WebSockets per client address: `limits.max_connections_per_ip`.
+    per_ip: Arc<PerIpLimit>,
     /// One permit per accepted client TCP connection: `limits.max_tcp_connections`.
     tcp_slots: Arc<Semaphore>,
     shutdown: CancellationToken,
@@ -76,6 +78,7 @@ impl Proxy {
             metrics,
             tls,
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+            per_ip: Arc::new(PerIpLimit::new(config.limits.max_connections_per_ip)),
             tcp_slots: Arc::new(Semaphore::new(tcp_connection_cap(
                 config.limits.max_tcp_connections,
             ))),
@@ -288,6 +291,22 @@ impl Proxy {
                 "wsbeat: this Origin may not open WebSockets here",
             );
         }
+        let per_ip = match self.per_ip.admit(info.client.ip) {
+            Ok(slot) => slot,
+            Err(()) => {
+                tracing::info!(client = %info.client, "max_connections_per_ip reached: refusing a WebSocket");
+                self.count_rejection(&route, "per_ip");
+                let mut r = text(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "wsbeat: too many WebSockets from this address",
+                );
+                r.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from_static(PER_IP_RETRY_AFTER),
+                );
+                return r;
+            }
+        };
         let Ok(permit) = self.connections.clone().try_acquire_owned() else {
             tracing::warn!(client = %info.client, "max_connections reached: refusing a WebSocket");
             self.count_rejection(&route, "max_connections");
@@ -296,7 +315,11 @@ impl Proxy {
                 "wsbeat: too many connections",
             );
         };
-        self.proxy_websocket(req, info, route, permit).await
+        let admission = Admission {
+            _connection: permit,
+            _per_ip: per_ip,
+        };
+        self.proxy_websocket(req, info, route, admission).await
     }
 
     /// Counts a WebSocket upgrade refused before the upstream was dialled.
@@ -345,7 +368,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         info: ClientInfo,
         route: Arc<Route>,
-        permit: OwnedSemaphorePermit,
+        permit: Admission,
     ) -> Response<Body> {
         // check_handshake has validated the key: derive the answer before dialing.
         let accept = req
@@ -553,6 +576,79 @@ pub fn text(status: StatusCode, line: &str) -> Response<Body> {
     r
 }
 
+/// `Retry-After` on a 429 for `max_connections_per_ip`, in seconds.
+const PER_IP_RETRY_AFTER: &str = "5";
+
+/// What lets a WebSocket in, held for its life: its place under `max_connections` and
+/// under `max_connections_per_ip`.
+struct Admission {
+    _connection: OwnedSemaphorePermit,
+    _per_ip: Option<PerIpSlot>,
+}
+
+/// `limits.max_connections_per_ip`: live WebSockets per client address, IPv6 clients
+/// grouped by their /64 (one host's addresses are one network's).
+struct PerIpLimit {
+    max: Option<usize>,
+    live: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+impl PerIpLimit {
+    fn new(max: Option<usize>) -> Self {
+        PerIpLimit {
+            max,
+            live: Default::default(),
+        }
+    }
+
+    /// A place for one more WebSocket from `ip`, or `Err` at the limit. `Ok(None)` when
+    /// there is no limit.
+    fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Result<Option<PerIpSlot>, ()> {
+        let Some(max) = self.max else {
+            return Ok(None);
+        };
+        let key = per_ip_key(ip);
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let n = live.entry(key).or_insert(0);
+        if *n >= max {
+            return Err(());
+        }
+        *n += 1;
+        Ok(Some(PerIpSlot {
+            key,
+            limit: self.clone(),
+        }))
+    }
+}
+
+/// The address a per-IP limit counts: IPv4 as it is, IPv6 by its /64.
+fn per_ip_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            std::net::IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into())
+        }
+        v4 => v4,
+    }
+}
+
+/// One WebSocket's place under `max_connections_per_ip`, given back when dropped.
+struct PerIpSlot {
+    key: std::net::IpAddr,
+    limit: Arc<PerIpLimit>,
+}
+
+impl Drop for PerIpSlot {
+    fn drop(&mut self) {
+        let mut live = self.limit.live.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = live.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                live.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// A client connection's place under `limits.max_tcp_connections`, counted in
 /// `wsbeat_tcp_connections_active` while held.
 pub struct TcpSlot {
@@ -616,6 +712,31 @@ fn derived_cap(open_files: u64) -> usize {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn per_ip_limits_count_ipv4_addresses_and_ipv6_networks() {
+        use std::net::IpAddr;
+        let key = |s: &str| super::per_ip_key(s.parse::<IpAddr>().unwrap());
+        assert_eq!(key("192.0.2.7"), key("192.0.2.7"));
+        assert_ne!(key("192.0.2.7"), key("192.0.2.8"));
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
+        let limit = std::sync::Arc::new(super::PerIpLimit::new(Some(2)));
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let a = limit.admit(ip).unwrap();
+        let b = limit.admit(ip).unwrap();
+        assert!(limit.admit(ip).is_err());
+        assert!(limit.admit("192.0.2.8".parse().unwrap()).unwrap().is_some());
+        drop(a);
+        assert!(
+            limit.admit(ip).is_ok(),
+            "a closed WebSocket gives its place back"
+        );
+        drop(b);
+        let unlimited = std::sync::Arc::new(super::PerIpLimit::new(None));
+        assert!(unlimited.admit(ip).unwrap().is_none());
+    }
+
     #[test]
     fn the_tcp_cap_is_half_the_open_files_less_a_reserve() {
         assert_eq!(super::derived_cap(20_000), 9_968);

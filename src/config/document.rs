@@ -217,6 +217,11 @@ impl Default for LivenessConfig {
 pub struct LimitsConfig {
     /// Proxied WebSockets at once; past it a handshake gets 503.
     pub max_connections: usize,
+    /// WebSockets one client address may hold at once (IPv6 clients grouped by their
+    /// /64); past it an upgrade gets `429 Too Many Requests` with `Retry-After`, and the
+    /// upstream is never dialled. The client address is the one `trusted_proxies` and
+    /// `proxy_protocol` name. `null`: no per-address limit.
+    pub max_connections_per_ip: Option<usize>,
     /// Client TCP connections at once, of every kind (WebSockets, plain-HTTP keep-alive
     /// connections, TLS handshakes in progress). At the cap wsbeat stops accepting until
     /// one closes: new connections wait in the kernel's backlog (and the load balancer
@@ -237,6 +242,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_connections: 100_000,
+            max_connections_per_ip: None,
             max_tcp_connections: None,
             max_message_size: ByteSize(16 << 20),
             handshake_timeout: HumanDuration::secs(10),

@@ -42,6 +42,12 @@ impl Config {
                 format!("must be between 1 and {most}"),
             ));
         }
+        if self.limits.max_connections_per_ip == Some(0) {
+            return Err(invalid(
+                "limits.max_connections_per_ip",
+                "must be at least 1, or null (no per-address limit)",
+            ));
+        }
         if self
             .limits
             .max_tcp_connections

@@ -75,3 +75,100 @@ async fn at_max_tcp_connections_new_ones_wait_and_are_served_as_others_close() {
     let mut ws = connect(&proxy.url("/")).await;
     echo_roundtrip(&mut ws, Message::text("still relaying")).await;
 }
+
+/// Opens a TCP connection from `local` (an address of the loopback range), sends
+/// `prefix` (a PROXY header, or nothing) and a WebSocket upgrade; returns the socket and
+/// the response head.
+async fn upgrade_from(
+    local: &str,
+    proxy: std::net::SocketAddr,
+    prefix: &[u8],
+) -> (TcpStream, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    let mut s = socket.connect(proxy).await.unwrap();
+    s.write_all(&[prefix, upgrade_request("/").as_bytes()].concat())
+        .await
+        .unwrap();
+    let head = tokio::time::timeout(PATIENCE, read_head(&mut s))
+        .await
+        .expect("an answer in time")
+        .expect("a whole response head");
+    (s, String::from_utf8(head).unwrap())
+}
+
+/// How many handshakes the backend has seen so far.
+fn handshakes(backend: &mut Backend) -> usize {
+    let mut n = 0;
+    while let Ok(seen) = backend.seen.try_recv() {
+        if matches!(seen, Seen::Handshake { .. }) {
+            n += 1;
+        }
+    }
+    n
+}
+
+#[tokio::test]
+async fn max_connections_per_ip_refuses_with_429_per_address_without_dialling() {
+    let mut backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |c| c.limits.max_connections_per_ip = Some(2)).await;
+    let mut held = Vec::new();
+    for local in ["127.0.0.2", "127.0.0.3"] {
+        for _ in 0..2 {
+            let (s, head) = upgrade_from(local, proxy.addr, b"").await;
+            assert!(head.starts_with("HTTP/1.1 101"), "{local}: {head}");
+            held.push(s);
+        }
+        let (_, head) = upgrade_from(local, proxy.addr, b"").await;
+        assert!(head.starts_with("HTTP/1.1 429"), "{local}: {head}");
+        assert_eq!(head_field(&head, "retry-after"), Some("5"), "{head}");
+    }
+    let rejected = [("route", "default"), ("reason", "per_ip")];
+    assert_eq!(
+        metric(proxy.admin, "wsbeat_handshakes_rejected_total", &rejected).await,
+        2.0
+    );
+    // The refused upgrades never reached the backend: 4 handshakes, not 6.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut seen = 0;
+    while seen < 4 {
+        assert!(tokio::time::Instant::now() < deadline, "{seen} handshakes");
+        if let Seen::Handshake { .. } = backend.next().await {
+            seen += 1;
+        }
+    }
+    assert_eq!(handshakes(&mut backend), 0, "a refused upgrade was dialled");
+    // A closed WebSocket gives its address's place back.
+    drop(held.remove(0));
+    let mut again = None;
+    for _ in 0..100 {
+        let (s, head) = upgrade_from("127.0.0.2", proxy.addr, b"").await;
+        if head.starts_with("HTTP/1.1 101") {
+            again = Some(s);
+            break;
+        }
+        // The relay ends a moment after the client's TCP does: ask again (bounded).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(again.is_some(), "the place was never given back");
+}
+
+#[tokio::test]
+async fn behind_proxy_protocol_the_per_ip_limit_counts_the_header_address() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |c| {
+        c.proxy_protocol = true;
+        c.limits.max_connections_per_ip = Some(1);
+    })
+    .await;
+    let header = |ip: &str| format!("PROXY TCP4 {ip} 127.0.0.1 1000 2000\r\n");
+    // Every connection comes from the load balancer's 127.0.0.1; the header names the
+    // client.
+    let (a, first) = upgrade_from("127.0.0.1", proxy.addr, header("203.0.113.7").as_bytes()).await;
+    assert!(first.starts_with("HTTP/1.1 101"), "{first}");
+    let (_, second) = upgrade_from("127.0.0.1", proxy.addr, header("203.0.113.7").as_bytes()).await;
+    assert!(second.starts_with("HTTP/1.1 429"), "{second}");
+    let (b, other) = upgrade_from("127.0.0.1", proxy.addr, header("203.0.113.8").as_bytes()).await;
+    assert!(other.starts_with("HTTP/1.1 101"), "{other}");
+    drop((a, b));
+}

@@ -76,25 +76,19 @@ async fn at_max_tcp_connections_new_ones_wait_and_are_served_as_others_close() {
     echo_roundtrip(&mut ws, Message::text("still relaying")).await;
 }
 
-/// Opens a TCP connection from `local` (an address of the loopback range), sends
-/// `prefix` (a PROXY header, or nothing) and a WebSocket upgrade; returns the socket and
-/// the response head.
+/// An upgrade from `local` (an address of the loopback range), after `prefix` (a PROXY
+/// header, or nothing).
 async fn upgrade_from(
     local: &str,
     proxy: std::net::SocketAddr,
     prefix: &[u8],
 ) -> (TcpStream, String) {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
-    let mut s = socket.connect(proxy).await.unwrap();
-    s.write_all(&[prefix, upgrade_request("/").as_bytes()].concat())
-        .await
-        .unwrap();
-    let head = tokio::time::timeout(PATIENCE, read_head(&mut s))
-        .await
-        .expect("an answer in time")
-        .expect("a whole response head");
-    (s, String::from_utf8(head).unwrap())
+    request_from(
+        local,
+        proxy,
+        &[prefix, upgrade_request("/").as_bytes()].concat(),
+    )
+    .await
 }
 
 /// How many handshakes the backend has seen so far.

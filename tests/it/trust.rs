@@ -2,7 +2,6 @@
 //! is behind a load balancer (real sockets; the test client's address, 127.0.0.1, is the
 //! peer).
 
-use serde_json::Value;
 use wsbeat::config::Cidr;
 
 use crate::common::*;
@@ -33,28 +32,6 @@ fn count(head: &str, name: &str) -> usize {
                 .is_some_and(|(f, _)| f.trim().eq_ignore_ascii_case(name))
         })
         .count()
-}
-
-/// The `client_addr` of every WebSocket `/connections` lists, once it lists `count` (a
-/// WebSocket is registered just after its 101 is sent); sorted.
-pub(crate) async fn client_addrs(admin: std::net::SocketAddr, count: usize) -> Vec<String> {
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
-        let r = get(admin, "/connections").await;
-        assert_eq!(r.status, 200, "{}", r.text());
-        let list: Value = serde_json::from_str(&r.body).unwrap();
-        let mut addrs: Vec<String> = list
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["client_addr"].as_str().unwrap().to_owned())
-            .collect();
-        if addrs.len() == count || std::time::Instant::now() > deadline {
-            addrs.sort();
-            return addrs;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
 }
 
 const SPOOFED: &str = "X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n\

@@ -2,6 +2,7 @@
 //! above and below the WebSocket library.
 
 mod backend;
+mod haproxy;
 mod process;
 mod proxy;
 mod raw;
@@ -9,6 +10,7 @@ mod raw;
 use std::time::Duration;
 
 pub use backend::*;
+pub use haproxy::*;
 pub use process::*;
 pub use proxy::*;
 pub use raw::*;

@@ -32,6 +32,21 @@ use crate::relay::{self, RelayContext};
 use crate::tls::{self, LegStream};
 use crate::upstream::{self, Dialed};
 
+mod idle;
+use self::idle::{IdleClock, Tracked};
+
+/// Takes the client's stream back out of a finished upgrade, with the bytes hyper had
+/// already read past the handshake.
+fn client_stream(upgraded: hyper::upgrade::Upgraded) -> Option<relay::Socket<LegStream>> {
+    let parts = upgraded
+        .downcast::<TokioIo<idle::Watched<LegStream>>>()
+        .ok()?;
+    Some(relay::Socket {
+        io: parts.io.into_inner().into_inner(),
+        leftover: parts.read_buf,
+    })
+}
+
 /// Response body type for everything the public listener answers.
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -166,28 +181,46 @@ impl Proxy {
         };
         let tls = matches!(stream, LegStream::Tls(_));
         let proxy = self.clone();
-        let service = service_fn(move |mut req: Request<Incoming>| {
-            // The WebSocket's task takes a clone: the slot is freed when both are done.
-            req.extensions_mut().insert(slot.clone());
-            // Per request: behind a trusted proxy, each request names its own client.
-            let info = ClientInfo::new(addr, tls, req.headers(), &proxy.config.trusted_proxies);
-            proxy.clone().handle(req, info)
+        let clock = IdleClock::new();
+        let service = service_fn({
+            let clock = clock.clone();
+            move |mut req: Request<Incoming>| {
+                let in_flight = clock.begin_request();
+                // The WebSocket's task takes a clone: the slot is freed when both are done.
+                req.extensions_mut().insert(slot.clone());
+                // Per request: behind a trusted proxy, each request names its own client.
+                let info = ClientInfo::new(addr, tls, req.headers(), &proxy.config.trusted_proxies);
+                let handled = proxy.clone().handle(req, info);
+                async move {
+                    let response = handled.await?;
+                    Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight).boxed()))
+                }
+            }
         });
+        let limits = &self.config.limits;
         let conn = http1::Builder::new()
+            // The idle and head clocks are wsbeat's (see `idle`); hyper's own header
+            // timeout, which starts when a connection goes idle, is only a backstop.
             .timer(TokioTimer::new())
-            .header_read_timeout(self.config.limits.handshake_timeout.0)
+            .header_read_timeout(limits.http_idle_timeout.0 + limits.handshake_timeout.0)
             // max_buf_size only bounds the read buffer, and one read may take a whole
             // larger head: max_header_size is what turns a long head into a 431.
             .max_buf_size(MAX_REQUEST_HEAD)
             .max_header_size(MAX_REQUEST_HEAD)
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(clock.watch(stream)), service)
             .with_upgrades();
         tokio::pin!(conn);
+        let expired = clock.expired(limits.http_idle_timeout.0, limits.handshake_timeout.0);
+        tokio::pin!(expired);
         let result = tokio::select! {
             r = conn.as_mut() => r,
             _ = self.shutdown.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
+            }
+            _ = expired => {
+                tracing::debug!(client = %addr, "client connection closed: idle or slow request head");
+                return;
             }
         };
         if let Err(e) = result {
@@ -437,7 +470,7 @@ impl Proxy {
         self.tracker.spawn(async move {
             let _permit = permit;
             let _tcp_slot = tcp_slot;
-            let client = match client_upgrade.await.map(upstream::into_stream) {
+            let client = match client_upgrade.await.map(client_stream) {
                 Ok(Some(socket)) => socket,
                 Ok(None) => {
                     tracing::error!(

@@ -56,7 +56,7 @@ pub enum DialError {
 
 /// Takes the stream back out of a finished hyper upgrade, with the bytes hyper had
 /// already read past the handshake.
-pub fn into_stream(upgraded: Upgraded) -> Option<crate::relay::Socket<LegStream>> {
+fn into_stream(upgraded: Upgraded) -> Option<crate::relay::Socket<LegStream>> {
     let parts = upgraded.downcast::<TokioIo<LegStream>>().ok()?;
     Some(crate::relay::Socket {
         io: parts.io.into_inner(),

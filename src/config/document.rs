@@ -232,8 +232,13 @@ pub struct LimitsConfig {
     pub max_tcp_connections: Option<usize>,
     /// Largest message (and frame) accepted on either leg; a larger one closes with 1009.
     pub max_message_size: ByteSize,
-    /// A client that has not sent a whole request head after this long is dropped.
+    /// A client that has not sent a whole request head after this long is dropped:
+    /// counted from the connection's start (after TLS), or from the first byte of a
+    /// later request on a keep-alive connection.
     pub handshake_timeout: HumanDuration,
+    /// A plain-HTTP keep-alive connection with no request for this long (from the end
+    /// of its last response to the next request's first byte) is closed.
+    pub http_idle_timeout: HumanDuration,
     /// A peer that takes no bytes for this long while wsbeat has some for it is closed.
     pub write_timeout: HumanDuration,
 }
@@ -246,6 +251,7 @@ impl Default for LimitsConfig {
             max_tcp_connections: None,
             max_message_size: ByteSize(16 << 20),
             handshake_timeout: HumanDuration::secs(10),
+            http_idle_timeout: HumanDuration::secs(60),
             write_timeout: HumanDuration::secs(30),
         }
     }

@@ -67,6 +67,7 @@ impl Config {
         }
         for (key, d) in [
             ("limits.handshake_timeout", self.limits.handshake_timeout),
+            ("limits.http_idle_timeout", self.limits.http_idle_timeout),
             ("limits.write_timeout", self.limits.write_timeout),
         ] {
             if d.0.is_zero() {

@@ -717,3 +717,100 @@ async fn a_1_gib_upload_streams_through_the_binary_in_flat_memory() {
         "RSS grew by {growth} KiB while streaming 1 GiB: the body is being buffered"
     );
 }
+
+/// One keep-alive exchange of `GET /hello` on a raw socket: the response head and body
+/// read exactly (Content-Length), so the connection is idle afterwards.
+async fn raw_keep_alive_hello(s: &mut TcpStream) {
+    s.write_all(b"GET /hello HTTP/1.1\r\nHost: app.example\r\n\r\n")
+        .await
+        .unwrap();
+    let head = tokio::time::timeout(PATIENCE, read_head(s))
+        .await
+        .expect("answered in time")
+        .expect("answered, not closed");
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let length: usize = head_field(&head, "content-length")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body).await.unwrap();
+    assert_eq!(body, b"hello from a");
+}
+
+/// Reads until the peer closes; how long that took.
+async fn closed_after(s: &mut TcpStream) -> Duration {
+    let started = Instant::now();
+    let rest = tokio::time::timeout(PATIENCE, read_until_closed(s))
+        .await
+        .expect("closed by wsbeat in time");
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_at_http_idle_timeout_not_at_handshake_timeout() {
+    let backend = HttpBackend::start("a").await;
+    let proxy = Proxy::start(backend.addr, |c| {
+        c.limits.handshake_timeout = ms(300);
+        c.limits.http_idle_timeout = ms(1500);
+    })
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    raw_keep_alive_hello(&mut s).await;
+    // Idle for twice the head timeout: a healthy keep-alive connection, not a slow head.
+    // (The idle time is the behaviour under test, not synchronisation.)
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    raw_keep_alive_hello(&mut s).await;
+    let idle = closed_after(&mut s).await;
+    assert!(
+        idle >= Duration::from_millis(1400),
+        "closed after {idle:?} idle, before the 1.5 s http_idle_timeout"
+    );
+    assert!(
+        idle <= Duration::from_millis(1500 + 1500),
+        "closed after {idle:?} idle, long after the 1.5 s http_idle_timeout"
+    );
+}
+
+#[tokio::test]
+async fn a_trickled_head_on_a_kept_alive_connection_is_dropped_at_handshake_timeout() {
+    let backend = HttpBackend::start("a").await;
+    let proxy = Proxy::start(backend.addr, |c| {
+        c.limits.handshake_timeout = ms(300);
+        c.limits.http_idle_timeout = wsbeat::config::HumanDuration(PATIENCE);
+    })
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    raw_keep_alive_hello(&mut s).await;
+    // The next request's head, a byte every 20 ms: its clock starts at the first byte.
+    let started = Instant::now();
+    let head = b"GET /hello HTTP/1.1\r\nHost: app.example\r\nX-Slow: ";
+    let mut ticker = tokio::time::interval(Duration::from_millis(20));
+    let mut chunk = [0u8; 1024];
+    for sent in 0.. {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let byte = head.get(sent).copied().unwrap_or(b'z');
+                if s.write_all(&[byte]).await.is_err() {
+                    break; // reset by wsbeat
+                }
+                assert!(started.elapsed() < PATIENCE, "still connected after {sent} bytes");
+            }
+            n = s.read(&mut chunk) => match n {
+                Ok(0) | Err(_) => break,
+                Ok(n) => panic!("answered a head never finished: {:?}", String::from_utf8_lossy(&chunk[..n])),
+            },
+        }
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(280),
+        "dropped early: {took:?}"
+    );
+    assert!(
+        took <= Duration::from_millis(300 + 1500),
+        "dropped after {took:?} with a 300 ms handshake_timeout"
+    );
+}

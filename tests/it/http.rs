@@ -87,8 +87,8 @@ fn pattern_body(len: u64, chunk: usize) -> Body {
 /// - `/echo`: the body back, streamed; `/slow`: answers after 5 s;
 /// - `/sse`: server-sent events, one per string the test pushes into `events`;
 /// - any upgrade: a WebSocket echo (pages and WebSockets on one port).
-struct HttpBackend {
-    addr: SocketAddr,
+pub(super) struct HttpBackend {
+    pub(super) addr: SocketAddr,
     /// TCP connections accepted so far.
     connections: Arc<AtomicUsize>,
     events: mpsc::UnboundedSender<String>,
@@ -102,7 +102,7 @@ impl Drop for HttpBackend {
 }
 
 impl HttpBackend {
-    async fn start(name: &'static str) -> HttpBackend {
+    pub(super) async fn start(name: &'static str) -> HttpBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));

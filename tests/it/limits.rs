@@ -166,3 +166,141 @@ async fn behind_proxy_protocol_the_per_ip_limit_counts_the_header_address() {
     assert!(other.starts_with("HTTP/1.1 101"), "{other}");
     drop((a, b));
 }
+
+/// The open-file limit the binary below runs with: its default `max_tcp_connections` is
+/// then (128 - 64) / 2 = 32.
+const NOFILE: usize = 128;
+const DERIVED_CAP: usize = (NOFILE - 64) / 2;
+
+/// The real binary under `ulimit -n NOFILE` (soft and hard: wsbeat cannot raise it), its
+/// log lines collected.
+struct LimitedWsbeat {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    _config: TempConfig,
+}
+
+impl Drop for LimitedWsbeat {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl LimitedWsbeat {
+    fn start(upstream: std::net::SocketAddr) -> LimitedWsbeat {
+        use std::io::BufRead;
+        let config = write_temp_config(&format!(
+            "listen: 127.0.0.1:0\nupstream: {{ url: \"ws://{upstream}\" }}\n"
+        ));
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", &format!("ulimit -n {NOFILE} && exec \"$0\" \"$@\"")])
+            .args([WSBEAT_BIN, "--config", config.path()])
+            .env("RUST_LOG", "debug")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("/bin/sh runs wsbeat");
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("wsbeat exited before listening")
+                .unwrap();
+            if let Some(addr) = line
+                .contains("listening")
+                .then(|| line.split("addr=").nth(1))
+                .flatten()
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|a| a.parse().ok())
+            {
+                break addr;
+            }
+        };
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        LimitedWsbeat {
+            child,
+            addr,
+            log,
+            _config: config,
+        }
+    }
+}
+
+/// One keep-alive `GET /hello`; the connection stays open and idle after it.
+async fn keep_alive_get(s: &mut TcpStream, wait: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    s.write_all(b"GET /hello HTTP/1.1\r\nHost: app.example\r\n\r\n")
+        .await
+        .unwrap();
+    let head = answered_within(s, wait).await?;
+    let length: usize = head_field(&head, "content-length")
+        .expect("a Content-Length")
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body).await.unwrap();
+    Some(head)
+}
+
+#[tokio::test]
+async fn with_the_derived_cap_three_times_its_idle_keep_alive_connections_never_exhaust_files() {
+    let backend = super::http::HttpBackend::start("a").await;
+    let wsbeat = LimitedWsbeat::start(backend.addr);
+    // Three times the derived cap of idle keep-alive connections, each with a request.
+    // The first DERIVED_CAP are served and stay open; the others wait in the backlog.
+    let mut served = Vec::new();
+    for _ in 0..DERIVED_CAP {
+        let mut s = TcpStream::connect(wsbeat.addr).await.unwrap();
+        let head = keep_alive_get(&mut s, PATIENCE).await.expect("served");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        served.push(s);
+    }
+    let mut waiting = Vec::new();
+    for _ in 0..2 * DERIVED_CAP {
+        let mut s = TcpStream::connect(wsbeat.addr).await.unwrap();
+        s.write_all(b"GET /hello HTTP/1.1\r\nHost: app.example\r\n\r\n")
+            .await
+            .unwrap();
+        waiting.push(s);
+    }
+    assert!(
+        answered_within(&mut waiting[0], Duration::from_millis(300))
+            .await
+            .is_none(),
+        "a connection past the derived cap was served"
+    );
+    // As the idle ones close, every waiting one is served in turn (and closes, letting
+    // the next one in); none is reset.
+    drop(served);
+    for (i, mut s) in waiting.into_iter().enumerate() {
+        let head = answered_within(&mut s, PATIENCE).await.unwrap_or_else(|| {
+            let log = wsbeat.log.lock().unwrap();
+            panic!(
+                "waiting connection {i} not served; wsbeat's log ends: {:#?}",
+                &log[log.len().saturating_sub(30)..]
+            )
+        });
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    // WebSockets still work, and wsbeat never ran out of descriptors.
+    let mut ws = connect(&format!("ws://{}/ws", wsbeat.addr)).await;
+    echo_roundtrip(&mut ws, Message::text("still relaying")).await;
+    let log = wsbeat.log.lock().unwrap().clone();
+    let emfile: Vec<_> = log
+        .iter()
+        .filter(|l| l.contains("Too many open files") || l.contains("os error 24"))
+        .collect();
+    assert!(
+        emfile.is_empty(),
+        "wsbeat ran out of descriptors: {emfile:?}"
+    );
+}

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import yaml
 
-CRD_GROUPS = {"monitoring.coreos.com"}  # no schema in kubernetes-validate: checked by shape
+CRD_GROUPS = {"monitoring.coreos.com", "keda.sh"}  # no schema in kubernetes-validate: checked by shape
 
 
 def fail(msg):
@@ -59,7 +59,9 @@ def load_docs(path):
 # --- kustomize, the small way -------------------------------------------------------------
 def deep_merge(base, patch, where):
     for key, value in patch.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
+        if value is None:  # strategic merge: null deletes the field
+            base.pop(key, None)
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
             deep_merge(base[key], value, f"{where}.{key}")
         elif isinstance(value, list):
             fail(f"{where}.{key}: list patches need kustomize (install kubectl)")
@@ -128,7 +130,9 @@ def render_dir(root):
     for comp in kust.get("components", []) or []:
         ckust = yaml.safe_load((root / comp / "kustomization.yaml").read_text())
         if ckust.get("kind") != "Component" or set(ckust) - SUPPORTED:
-            fail(f"{root / comp}: only a Component with plain patches is supported without kubectl")
+            fail(f"{root / comp}: only a Component with plain resources and patches is supported without kubectl")
+        for res in ckust.get("resources", []) or []:
+            docs += load_docs(root / comp / res)
         docs = apply_patches(root / comp, ckust, docs)
     return set_images(kust, docs)
 
@@ -379,6 +383,146 @@ def cmd_manifests(rendered, reference):
     print(f"service :{svc['spec']['ports'][0]['port']} -> wsbeat :{listen}; probes on admin :{port_of(admin)}; "
           f"grace {grace}s > preStop {pre_stop(ws)}s + drain {drain:g}s; "
           f"{'PodMonitor' if pm else 'annotations'}; securityContext ok")
+
+
+# --- autoscaling on connections ---------------------------------------------------------------
+QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(m|k|M|G)?$")
+
+
+def quantity(value):
+    m = QUANTITY.match(str(value).strip())
+    if not m:
+        fail(f"cannot read quantity {value!r}")
+    return float(m.group(1)) * {None: 1, "m": 0.001, "k": 1e3, "M": 1e6, "G": 1e9}[m.group(2)]
+
+
+# What a metrics query template is filled with to check it as PromQL.
+EXAMPLE_MATCHERS = 'namespace="default",pod=~"ws-backend-.*"'
+
+
+def adapter_rules(path):
+    doc = yaml.safe_load(Path(path).read_text()) or {}
+    rules = ((doc.get("rules") or {}).get("custom")) or []
+    if not rules:
+        fail(f"{path}: no rules.custom (the prometheus-adapter Helm chart's custom rules)")
+    return rules
+
+
+def cmd_adapter(path, rules_out):
+    """The prometheus-adapter rule: its shape, and its query as PromQL (for promtool)."""
+    known = readme_metrics()
+    problems, served, recording = [], [], []
+    for i, r in enumerate(adapter_rules(path)):
+        where = f"{path}: rules.custom[{i}]"
+        series = str(r.get("seriesQuery", ""))
+        names = NAME.findall(series)
+        if len(names) != 1:
+            problems.append(f"{where}: seriesQuery must select one wsbeat metric, found {names}")
+            continue
+        metric = names[0]
+        if known.get(metric) != "gauge":
+            problems.append(f"{where}: {metric} is not a gauge in README.md's Metrics table "
+                            f"(a counter would need rate())")
+        for label in ("namespace", "pod"):
+            if not re.search(label + r'\s*!=\s*""', series):
+                problems.append(f"{where}: seriesQuery does not require a {label} label ({label}!=\"\")")
+        overrides = (r.get("resources") or {}).get("overrides") or {}
+        for label, resource in (("namespace", {"namespace", "namespaces"}), ("pod", {"pod", "pods"})):
+            if (overrides.get(label) or {}).get("resource") not in resource:
+                problems.append(f"{where}: resources.overrides does not map label {label} to the {label} resource")
+        name = r.get("name") or {}
+        try:
+            matches = re.search(name.get("matches", ".*"), metric)
+        except re.error as e:
+            problems.append(f"{where}: name.matches is not a regular expression: {e}")
+            matches = None
+        if not matches:
+            problems.append(f"{where}: name.matches does not match {metric}")
+        if not name.get("as"):
+            problems.append(f"{where}: no name.as (the name the HPA asks for)")
+        served.append(name.get("as") or metric)
+        query = str(r.get("metricsQuery", ""))
+        for part in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
+            if part not in query:
+                problems.append(f"{where}: metricsQuery has no {part}")
+        filled = query.replace("<<.Series>>", metric).replace("<<.LabelMatchers>>", EXAMPLE_MATCHERS) \
+            .replace("<<.GroupBy>>", "pod")
+        recording.append({"record": f"adapter:rule_{i}", "expr": filled})
+    Path(rules_out).write_text(yaml.safe_dump({"groups": [{"name": "adapter", "rules": recording}]}))
+    if problems:
+        fail("\n".join(problems))
+    print(f"serves {', '.join(served)} per pod; metricsQuery filled in for promtool")
+
+
+def cmd_autoscaling(rendered, reference, adapter_path, rules_out):
+    """An HPA or a KEDA ScaledObject: aimed at the Deployment, on connections per pod below
+    limits.max_connections, and the Deployment leaves the replica count to it."""
+    docs = load_docs(rendered)
+    cfg_text, _ = wsbeat_config(docs)
+    cfg = merged(yaml.safe_load(Path(reference).read_text()), yaml.safe_load(cfg_text))
+    dep = one(docs, "Deployment")
+    hpas = [d for d in docs if d.get("kind") == "HorizontalPodAutoscaler"]
+    scaled = [d for d in docs if d.get("kind") == "ScaledObject"]
+    if len(hpas) + len(scaled) != 1:
+        fail(f"expected one HorizontalPodAutoscaler or one ScaledObject, found {len(hpas)} and {len(scaled)}")
+    problems = []
+    if "replicas" in dep["spec"]:
+        problems.append("the Deployment sets replicas: every kubectl apply would reset the autoscaler's count")
+    max_connections = int(cfg["limits"]["max_connections"])
+
+    def aimed(ref, target, low, high, what):
+        if ref.get("kind") != "Deployment" or ref.get("name") != dep["metadata"]["name"] \
+                or ref.get("apiVersion", "apps/v1") != "apps/v1":
+            problems.append(f"{what} scales {ref}, not Deployment/{dep['metadata']['name']}")
+        if not 1 <= low <= high:
+            problems.append(f"{what}: replicas {low}..{high} is not a range")
+        # New pods take only new connections: the old ones need room until
+        # max_connection_age moves their sockets.
+        if not 0 < target <= 0.8 * max_connections:
+            problems.append(f"{what}: {target:g} connections per pod is not within 80% of "
+                            f"limits.max_connections ({max_connections})")
+
+    if hpas:
+        spec = hpas[0]["spec"]
+        what = f"HorizontalPodAutoscaler/{hpas[0]['metadata']['name']}"
+        pods = [m for m in spec.get("metrics") or [] if m.get("type") == "Pods"]
+        if len(pods) != 1:
+            fail(f"{what}: expected one metric of type Pods, found {len(pods)}")
+        metric, target = pods[0]["pods"]["metric"], pods[0]["pods"]["target"]
+        served = [(r.get("name") or {}).get("as") for r in adapter_rules(adapter_path)]
+        if metric["name"] not in served:
+            problems.append(f"{what} scales on {metric['name']}, which {adapter_path} does not serve ({served})")
+        if target.get("type") != "AverageValue":
+            problems.append(f"{what}: target type {target.get('type')}, not AverageValue (connections per pod)")
+        value = quantity(target.get("averageValue", 0))
+        aimed(spec["scaleTargetRef"], value, spec.get("minReplicas", 1), spec["maxReplicas"], what)
+        summary = f"{what} on {metric['name']}, {value:g} per pod"
+        recording = []
+    else:
+        spec = scaled[0]["spec"]
+        what = f"ScaledObject/{scaled[0]['metadata']['name']}"
+        prom = [t for t in spec.get("triggers") or [] if t.get("type") == "prometheus"]
+        if len(prom) != 1:
+            fail(f"{what}: expected one trigger of type prometheus, found {len(prom)}")
+        md = prom[0].get("metadata") or {}
+        for key_ in ("serverAddress", "query", "threshold"):
+            if not md.get(key_):
+                problems.append(f"{what}: the prometheus trigger has no {key_}")
+        if not re.match(r"^https?://[^/]+", str(md.get("serverAddress", ""))):
+            problems.append(f"{what}: serverAddress {md.get('serverAddress')!r} is not an http(s) URL")
+        if prom[0].get("metricType", "AverageValue") != "AverageValue":
+            problems.append(f"{what}: metricType must be AverageValue, so threshold is per pod")
+        query = str(md.get("query", ""))
+        if not re.match(r"^\s*sum\s*\(", query) or "wsbeat_connections_active" not in query:
+            problems.append(f"{what}: the query must be one number, sum(wsbeat_connections_active{{...}}): {query!r}")
+        value = quantity(md.get("threshold", 0))
+        aimed(spec["scaleTargetRef"], value, spec.get("minReplicaCount", 0), spec.get("maxReplicaCount", 100), what)
+        summary = f"{what} on sum(wsbeat_connections_active), {value:g} per pod"
+        recording = [{"record": "keda:query", "expr": query}]
+    Path(rules_out).write_text(yaml.safe_dump({"groups": [{"name": "autoscaling", "rules": recording}]}))
+    if problems:
+        fail("\n".join(problems))
+    print(f"{summary} (limits.max_connections {max_connections}); no replicas in the Deployment")
 
 
 # --- Dockerfile -----------------------------------------------------------------------------
@@ -715,10 +859,10 @@ if [[ "${WSBEAT_KUSTOMIZE:-}" != python ]] && command -v kubectl >/dev/null 2>&1
     renderer="kubectl kustomize"
 fi
 
-with_annotations() { # the kustomization with the `annotations` component enabled
-    cp -r deploy/kubernetes "$TMP/annotated" &&
-        py enable-component deploy/kubernetes "$TMP/annotated" annotations &&
-        render "$TMP/annotated" "$TMP/annotated.yaml"
+with_component() { # with_component COMPONENT NAME: the kustomization with COMPONENT enabled
+    cp -r deploy/kubernetes "$TMP/$2" &&
+        py enable-component deploy/kubernetes "$TMP/$2" "$1" &&
+        render "$TMP/$2" "$TMP/$2.yaml"
 }
 
 wsbeat_bin() { # builds the binary (a no-op after `cargo test`) and prints its path
@@ -776,19 +920,35 @@ check "image's default command passes wsbeat check" wsbeat_check_image_cmd
 check "the build stage's COPYs are enough to compile" build_context_compiles
 
 check "render deploy/kubernetes ($renderer)" render deploy/kubernetes "$TMP/base.yaml"
-check "render with the annotations component" with_annotations
+check "render with the annotations component" with_component annotations annotated
+check "render with the autoscaling/hpa component" with_component autoscaling/hpa hpa
+check "render with the autoscaling/keda component" with_component autoscaling/keda keda
 if [[ "$renderer" == "kubectl kustomize" ]]; then
     check "python renderer agrees with kubectl" bash -c \
         "python3 '$TMP/check.py' render deploy/kubernetes >'$TMP/py-base.yaml' &&
          python3 '$TMP/check.py' same '$TMP/base.yaml' '$TMP/py-base.yaml' &&
-         python3 '$TMP/check.py' render '$TMP/annotated' >'$TMP/py-annotated.yaml' &&
-         python3 '$TMP/check.py' same '$TMP/annotated.yaml' '$TMP/py-annotated.yaml' &&
-         echo 'both renderings identical'"
+         for v in annotated hpa keda; do
+             python3 '$TMP/check.py' render \"$TMP/\$v\" >\"$TMP/py-\$v.yaml\" &&
+             python3 '$TMP/check.py' same \"$TMP/\$v.yaml\" \"$TMP/py-\$v.yaml\" || exit 1
+         done &&
+         echo 'all four renderings identical'"
 fi
 check "kubernetes-validate --strict (PodMonitor)" py kubeval "$TMP/base.yaml" "$K8S_VERSION" "$TMP/kv-base"
 check "kubernetes-validate --strict (annotations)" py kubeval "$TMP/annotated.yaml" "$K8S_VERSION" "$TMP/kv-ann"
+check "kubernetes-validate --strict (HPA)" py kubeval "$TMP/hpa.yaml" "$K8S_VERSION" "$TMP/kv-hpa"
+check "kubernetes-validate --strict (KEDA)" py kubeval "$TMP/keda.yaml" "$K8S_VERSION" "$TMP/kv-keda"
 check "manifests agree (PodMonitor)" py manifests "$TMP/base.yaml" config/wsbeat.yaml
 check "manifests agree (annotations)" py manifests "$TMP/annotated.yaml" config/wsbeat.yaml
+check "manifests agree (HPA)" py manifests "$TMP/hpa.yaml" config/wsbeat.yaml
+check "manifests agree (KEDA)" py manifests "$TMP/keda.yaml" config/wsbeat.yaml
+ADAPTER=deploy/kubernetes/autoscaling/prometheus-adapter-values.yaml
+check "prometheus-adapter rule: shape" py adapter "$ADAPTER" "$TMP/adapter-rules.yaml"
+check "prometheus-adapter query parses as PromQL" promtool check rules "$TMP/adapter-rules.yaml"
+check "prometheus-adapter rule uses known metrics" py metrics "adapter rule" "$ADAPTER"
+check "HPA: aimed, per pod, under max_connections" py autoscaling "$TMP/hpa.yaml" config/wsbeat.yaml "$ADAPTER" "$TMP/hpa-rules.yaml"
+check "KEDA: aimed, per pod, under max_connections" py autoscaling "$TMP/keda.yaml" config/wsbeat.yaml "$ADAPTER" "$TMP/keda-rules.yaml"
+check "KEDA query parses as PromQL" promtool check rules "$TMP/keda-rules.yaml"
+check "KEDA query uses known metrics" py metrics "KEDA trigger" deploy/kubernetes/autoscaling/keda/scaledobject.yaml
 check "ConfigMap's wsbeat.yaml passes wsbeat check" wsbeat_check_configmap
 
 check "promtool check rules" promtool check rules deploy/prometheus/alerts.yaml

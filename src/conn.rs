@@ -110,17 +110,20 @@ pub enum Outcome {
     Error,
     /// wsbeat is shutting down.
     Shutdown,
+    /// The connection reached `limits.max_connection_age` and was drained.
+    MaxAge,
 }
 
 impl Outcome {
     /// Every outcome, in the order the metrics list them.
-    pub const ALL: [Outcome; 6] = [
+    pub const ALL: [Outcome; 7] = [
         Outcome::ClientClose,
         Outcome::UpstreamClose,
         Outcome::ClientDead,
         Outcome::UpstreamDead,
         Outcome::Error,
         Outcome::Shutdown,
+        Outcome::MaxAge,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -131,6 +134,7 @@ impl Outcome {
             Outcome::UpstreamDead => "upstream_dead",
             Outcome::Error => "error",
             Outcome::Shutdown => "shutdown",
+            Outcome::MaxAge => "max_age",
         }
     }
 
@@ -340,6 +344,16 @@ impl Registry {
     /// Snapshots of the live connections, oldest first.
     pub fn list(&self) -> Vec<Arc<ConnectionView>> {
         self.lock().values().cloned().collect()
+    }
+
+    /// How many connections are live.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no connection is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<ConnectionView>>> {

@@ -22,7 +22,7 @@
 //! - [`admin`]: `/metrics`, `/livez`, `/readyz`, `/connections` on their own listener.
 //! - [`tls`]: rustls configs for both legs, their certificates reloaded in the background,
 //!   the leg stream type.
-//! - [`shutdown`]: signals and the drain with a deadline.
+//! - [`shutdown`]: signals, the drain with a deadline, the spread of its closes.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -91,7 +91,8 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 }
 
 /// Serves on an already bound listener until `shutdown` resolves; then stops accepting,
-/// closes every WebSocket with 1001 on both legs and waits for them at most
+/// closes every WebSocket with 1001 on both legs (the client first; the first closes
+/// spread over `shutdown.close_spread`) and waits for them at most
 /// `shutdown.drain_timeout`. `tls` is what `tls::Setup::load` made of `config`: nothing
 /// here can fail to start.
 pub async fn serve(
@@ -127,10 +128,12 @@ pub async fn serve(
         tracker.clone(),
     ));
     tokio::select! {
-        _ = proxy.serve(listener) => {}
+        _ = proxy.clone().serve(listener) => {}
         _ = shutdown => {}
     }
     ready.store(false, Ordering::Relaxed);
+    // Before the token fires: each relay takes its turn from this as it is told.
+    proxy.spread_closes(tokio::time::Instant::now());
     // No new handshakes from here on: the certificate files need no more looks.
     drop(reload);
     // The listener is dropped here: no new connections.

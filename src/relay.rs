@@ -31,6 +31,7 @@ use crate::conn::{ConnectionView, Leg, Outcome, PerLeg, Summary};
 use crate::frame::{self, Parser, Sender};
 use crate::heartbeat::{Action as Due, Heartbeat, Schedule};
 use crate::metrics::ConnMetrics;
+use crate::shutdown::CloseSpread;
 
 pub mod closing;
 #[cfg(test)]
@@ -40,8 +41,8 @@ mod forward;
 mod tests;
 mod wire;
 
-pub use closing::{drain_grace, CLOSE_GRACE};
-use closing::{Action, Closing};
+pub use closing::{drain_grace, jittered_age, CLOSE_GRACE};
+use closing::{Action, Closing, DrainCause};
 use forward::Messages;
 use wire::Wire;
 
@@ -70,6 +71,12 @@ pub struct RelayContext {
     pub max_message_size: u64,
     pub write_timeout: Duration,
     pub shutdown: CancellationToken,
+    /// When this connection's close goes out once `shutdown` fires
+    /// (`shutdown.close_spread`).
+    pub close_spread: Arc<CloseSpread>,
+    /// This connection's age limit, jittered (`limits.max_connection_age`, see
+    /// [`jittered_age`]): past it, it is drained like a shutdown drains it.
+    pub max_age: Option<Duration>,
     /// How long a drain waits for the client's close reply before closing the upstream:
     /// CLOSE_GRACE, or less when `shutdown.drain_timeout` leaves no room for it (see
     /// [`drain_grace`]).
@@ -144,6 +151,7 @@ where
         },
         heartbeat: Heartbeat::new(Schedule::for_route(&ctx.route), ctx.started),
         closing: Closing::new(ctx.drain_grace),
+        shutdown_seen: false,
         heartbeat_waiting: false,
         dropped: PerLeg::default(),
         messages_this_read: Messages::default(),
@@ -160,6 +168,13 @@ where
             relay.process(leg, &leftover);
         }
     }
+    if let Some(age) = relay.ctx.max_age {
+        let at = relay.ctx.started + age;
+        let actions = relay
+            .closing
+            .plan_drain(DrainCause::MaxAge, at, Instant::now());
+        relay.apply(actions);
+    }
     relay.run()
 }
 
@@ -171,6 +186,8 @@ struct Relay<C, U> {
     heartbeat: Heartbeat,
     /// Where each leg's close handshake stands, and how the connection ends.
     closing: Closing,
+    /// The shutdown token fired (and this connection's turn to drain is planned).
+    shutdown_seen: bool,
     /// A heartbeat waits for the message being forwarded to the client to end.
     heartbeat_waiting: bool,
     /// Data messages dropped because the other leg was closed, by source leg.
@@ -198,8 +215,11 @@ where
         while !(self.finished(Leg::Client) && self.finished(Leg::Upstream)) {
             tokio::select! {
                 biased;
-                _ = &mut shutdown, if !self.closing.is_closing() => {
-                    let actions = self.closing.on_shutdown(Instant::now());
+                _ = &mut shutdown, if !self.shutdown_seen && !self.closing.is_closing() => {
+                    self.shutdown_seen = true;
+                    let now = Instant::now();
+                    let turn = self.ctx.close_spread.turn().unwrap_or(now);
+                    let actions = self.closing.plan_drain(DrainCause::Shutdown, turn, now);
                     self.apply(actions);
                 }
                 _ = &mut timer => {
@@ -260,11 +280,18 @@ where
     }
 
     fn exact_deadline(&self) -> Instant {
-        let mut d = self.closing.next_deadline().unwrap_or_else(|| {
-            self.heartbeat
-                .next_deadline()
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400))
-        });
+        // Once closing, heartbeats and liveness are over; before, a planned drain (its
+        // turn in a spread shutdown, its maximum age) competes with them.
+        let heartbeat = if self.closing.is_closing() {
+            None
+        } else {
+            self.heartbeat.next_deadline()
+        };
+        let mut d = [self.closing.next_deadline(), heartbeat]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
         for blocked in [
             self.wires.client.blocked_since,
             self.wires.upstream.blocked_since,
@@ -437,7 +464,7 @@ where
 
     fn on_timer(&mut self) {
         let now = Instant::now();
-        if self.closing.grace_over(now) {
+        if self.closing.timer_due(now) {
             let actions = self.closing.on_timer(now);
             self.apply(actions);
             return;

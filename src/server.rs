@@ -29,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::passthrough::Passthrough;
 use crate::proxy_protocol;
 use crate::relay::{self, RelayContext};
+use crate::shutdown::CloseSpread;
 use crate::tls::{self, LegStream};
 use crate::upstream::{self, Dialed};
 
@@ -71,6 +72,8 @@ pub struct Proxy {
     /// One permit per accepted client TCP connection: `limits.max_tcp_connections`.
     tcp_slots: Arc<Semaphore>,
     shutdown: CancellationToken,
+    /// When each WebSocket's close goes out in a drain (`shutdown.close_spread`).
+    close_spread: Arc<CloseSpread>,
     tracker: TaskTracker,
     next_id: AtomicU64,
 }
@@ -99,9 +102,20 @@ impl Proxy {
             ))),
             config,
             shutdown,
+            close_spread: Arc::new(CloseSpread::default()),
             tracker,
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// A drain begins at `now`: the WebSockets open now get their turns to be closed,
+    /// spread over `shutdown.close_spread`. Call it before the shutdown token fires.
+    pub fn spread_closes(&self, now: tokio::time::Instant) {
+        self.close_spread.begin(
+            now,
+            self.config.shutdown.close_spread.0,
+            self.metrics.connections().len(),
+        );
     }
 
     /// Accepts connections until the shutdown token fires.
@@ -501,6 +515,12 @@ impl Proxy {
                 write_timeout: proxy.config.limits.write_timeout.0,
                 shutdown: proxy.shutdown.clone(),
                 drain_grace: relay::drain_grace(proxy.config.shutdown.drain_timeout.0),
+                close_spread: proxy.close_spread.clone(),
+                max_age: proxy
+                    .config
+                    .limits
+                    .max_connection_age
+                    .map(|age| relay::jittered_age(age.0, jitter_seed(id))),
                 started,
             };
             let summary = relay::run(client, *upstream_socket, ctx).await;
@@ -522,6 +542,14 @@ impl Proxy {
         });
         response
     }
+}
+
+/// A random 64-bit value for connection `id`'s jitter: std's SipHash under the random
+/// keys each `RandomState` gets (seeded by the OS once a process, then stepped), so no
+/// random-number crate is needed for one draw a connection.
+fn jitter_seed(id: u64) -> u64 {
+    use std::hash::BuildHasher;
+    std::hash::RandomState::new().hash_one(id)
 }
 
 /// The target wsbeat routes on and forwards: origin form, the canonical path

@@ -232,6 +232,13 @@ pub struct LimitsConfig {
     pub max_tcp_connections: Option<usize>,
     /// Largest message (and frame) accepted on either leg; a larger one closes with 1009.
     pub max_message_size: ByteSize,
+    /// A WebSocket open for this long is closed the way a drain closes it (the client
+    /// first, nothing lost, 1001), so that clients reconnect and spread over the pods
+    /// there are now: without it, pods added by a scale-out get no existing connection.
+    /// Each connection's limit is jittered by up to ±10%, so connections opened together
+    /// do not all end together; closes are counted as `outcome="max_age"`. A connection
+    /// keeps the limit it started with. `null` (the default): no limit.
+    pub max_connection_age: Option<HumanDuration>,
     /// A client that has not sent a whole request head after this long is dropped:
     /// counted from the connection's start (after TLS), or from the first byte of a
     /// later request on a keep-alive connection.
@@ -250,6 +257,7 @@ impl Default for LimitsConfig {
             max_connections_per_ip: None,
             max_tcp_connections: None,
             max_message_size: ByteSize(16 << 20),
+            max_connection_age: None,
             handshake_timeout: HumanDuration::secs(10),
             http_idle_timeout: HumanDuration::secs(60),
             write_timeout: HumanDuration::secs(30),
@@ -263,12 +271,19 @@ impl Default for LimitsConfig {
 pub struct ShutdownConfig {
     /// After SIGTERM, the longest wait for WebSockets to finish their close handshakes.
     pub drain_timeout: HumanDuration,
+    /// After SIGTERM, the WebSockets' close frames (1001) go out spread evenly over this
+    /// long instead of all at once, so the clients of a terminating pod do not all
+    /// reconnect to the other pods in the same second. At most `drain_timeout`; leave
+    /// the last connections a few seconds of `drain_timeout` for their close handshakes.
+    /// `0s` (the default): all at once.
+    pub close_spread: HumanDuration,
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
         ShutdownConfig {
             drain_timeout: HumanDuration::secs(25),
+            close_spread: HumanDuration::secs(0),
         }
     }
 }

@@ -280,3 +280,41 @@ fn trusted_proxies_are_networks_and_a_bad_one_is_named() {
         assert!(e.contains("trusted_proxies[1]"), "{e}");
     }
 }
+
+#[test]
+fn close_spread_is_at_most_the_drain_timeout() {
+    let c = parse("").unwrap();
+    assert_eq!(c.shutdown.close_spread, HumanDuration::secs(0));
+    let c = parse("shutdown:\n  drain_timeout: 25s\n  close_spread: 25s\n").unwrap();
+    assert_eq!(c.shutdown.close_spread, HumanDuration::secs(25));
+    let e = parse("shutdown:\n  drain_timeout: 10s\n  close_spread: 20s\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("shutdown.close_spread") && e.contains("drain_timeout") && e.contains("10s"),
+        "{e}"
+    );
+    // Against the default drain_timeout (25s) too.
+    let e = parse("shutdown:\n  close_spread: 30s\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("shutdown.close_spread") && e.contains("25s"),
+        "{e}"
+    );
+}
+
+#[test]
+fn max_connection_age_is_off_by_default_and_longer_than_zero() {
+    assert_eq!(parse("").unwrap().limits.max_connection_age, None);
+    let c = parse("limits:\n  max_connection_age: 1h\n").unwrap();
+    assert_eq!(c.limits.max_connection_age, Some(HumanDuration::secs(3600)));
+    let e = parse("limits:\n  max_connection_age: 0s\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("limits.max_connection_age"), "{e}");
+    let e = parse("limits:\n  max_connection_age: soon\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("limits.max_connection_age"), "{e}");
+}

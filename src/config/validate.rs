@@ -74,6 +74,25 @@ impl Config {
                 return Err(invalid(key, "must be longer than 0s"));
             }
         }
+        if self
+            .limits
+            .max_connection_age
+            .is_some_and(|d| d.0.is_zero())
+        {
+            return Err(invalid(
+                "limits.max_connection_age",
+                "must be longer than 0s, or null (no limit)",
+            ));
+        }
+        if self.shutdown.close_spread > self.shutdown.drain_timeout {
+            return Err(invalid(
+                "shutdown.close_spread",
+                format!(
+                    "({}) must be at most shutdown.drain_timeout ({}): connections whose close comes after the drain ends would be cut without one",
+                    self.shutdown.close_spread, self.shutdown.drain_timeout
+                ),
+            ));
+        }
         // Port 0 asks for any free port: two such listeners never share one.
         if self.listen.port() != 0 && self.admin.listen == Some(self.listen) {
             return Err(invalid(

@@ -4,7 +4,9 @@
 //!
 //! Each leg is in one [`LegState`]; the connection is open, draining (the client has
 //! been sent 1001, the upstream's close waits for the client's answer) or closing (an
-//! outcome is decided and the close handshakes have until a deadline to finish).
+//! outcome is decided and the close handshakes have until a deadline to finish). An open
+//! connection may have a drain planned for later ([`Closing::plan_drain`]): its turn in a
+//! shutdown spread over `shutdown.close_spread`, or the end of its maximum age.
 //!
 //! ```text
 //! Open ──wsbeat's close queued──▶ CloseSent ──the peer's reply──▶ CloseReceived
@@ -54,6 +56,56 @@ pub enum LegState {
     Lost { close_received: bool },
 }
 
+/// Why a connection is drained (closed client first, 1001, nothing lost).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainCause {
+    /// wsbeat is shutting down.
+    Shutdown,
+    /// The connection reached its `limits.max_connection_age`.
+    MaxAge,
+}
+
+impl DrainCause {
+    /// The outcome the connection ends with.
+    pub fn outcome(self) -> Outcome {
+        match self {
+            DrainCause::Shutdown => Outcome::Shutdown,
+            DrainCause::MaxAge => Outcome::MaxAge,
+        }
+    }
+
+    /// The reason in the close frames.
+    fn reason(self) -> &'static str {
+        match self {
+            DrainCause::Shutdown => "wsbeat is shutting down",
+            DrainCause::MaxAge => "connection reached its maximum age",
+        }
+    }
+}
+
+/// The jitter of `limits.max_connection_age`: each connection's limit is within ±10% of
+/// the configured age, so connections opened together (a reconnect wave after a
+/// restart) do not all end together and start the next wave.
+pub const MAX_AGE_JITTER: f64 = 0.10;
+/// Kept free at the early edge of the jitter window: the close must not come before 90%
+/// of the age, even seen from a client that completed its handshake a little after wsbeat.
+const MAX_AGE_EARLY_MARGIN: Duration = Duration::from_millis(10);
+/// Kept free at the late edge: the relay's timer fires on a 10 ms grid and the close
+/// frame still has to be written, and the close must not come after 110% of the age.
+const MAX_AGE_LATE_MARGIN: Duration = Duration::from_millis(50);
+
+/// This connection's age limit: uniform over `age` ±10%, less the margins at the edges
+/// (at most a fortieth of `age` early, a twentieth late: they only show for ages of a few
+/// seconds), picked by `random` (any 64-bit value, uniform). Pure, so the bounds are
+/// tested without a clock.
+pub fn jittered_age(age: Duration, random: u64) -> Duration {
+    let low = age.mul_f64(1.0 - MAX_AGE_JITTER) + MAX_AGE_EARLY_MARGIN.min(age / 40);
+    let high = age.mul_f64(1.0 + MAX_AGE_JITTER) - MAX_AGE_LATE_MARGIN.min(age / 20);
+    // The top 53 bits: exactly representable, so `fraction` is in [0, 1).
+    let fraction = (random >> 11) as f64 / (1u64 << 53) as f64;
+    low + (high - low).mul_f64(fraction)
+}
+
 /// What the relay must do, in the order given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -72,10 +124,11 @@ pub enum Action {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Open,
-    /// Shutting down, client first: 1001 went to the client; the upstream's close
-    /// waits until nothing more can come from the client (or `deadline`), so that every
+    /// Draining, client first: 1001 went to the client; the upstream's close waits
+    /// until nothing more can come from the client (or `deadline`), so that every
     /// message the client sent before it saw the close reaches the upstream.
     Draining {
+        cause: DrainCause,
         deadline: Instant,
     },
     /// The outcome is decided; at `deadline` the legs are given up.
@@ -100,6 +153,8 @@ pub struct Closing {
     phase: Phase,
     /// How long a drain waits for the client's answer (see [`drain_grace`]).
     drain_grace: Duration,
+    /// A drain that starts at this instant if the connection is still open then.
+    planned: Option<(Instant, DrainCause)>,
 }
 
 impl Closing {
@@ -112,6 +167,7 @@ impl Closing {
             }),
             phase: Phase::Open,
             drain_grace,
+            planned: None,
         }
     }
 
@@ -144,7 +200,7 @@ impl Closing {
     pub fn outcome(&self) -> Option<Outcome> {
         match self.phase {
             Phase::Open => None,
-            Phase::Draining { .. } => Some(Outcome::Shutdown),
+            Phase::Draining { cause, .. } => Some(cause.outcome()),
             Phase::Closing { outcome, .. } => Some(outcome),
         }
     }
@@ -154,19 +210,36 @@ impl Closing {
         PerLeg::new(|leg| self.legs[leg].code)
     }
 
-    /// When [`on_timer`](Self::on_timer) has something to do: the end of the grace
-    /// period of a close or a drain.
+    /// When [`on_timer`](Self::on_timer) has something to do: a planned drain's start,
+    /// or the end of the grace period of a close or a drain.
     pub fn next_deadline(&self) -> Option<Instant> {
         match self.phase {
-            Phase::Open => None,
-            Phase::Draining { deadline } | Phase::Closing { deadline, .. } => Some(deadline),
+            Phase::Open => self.planned.map(|(at, _)| at),
+            Phase::Draining { deadline, .. } | Phase::Closing { deadline, .. } => Some(deadline),
         }
     }
 
-    /// Whether the grace period is over at `now`: the relay then calls
-    /// [`on_timer`](Self::on_timer) and does nothing else at this tick.
-    pub fn grace_over(&self, now: Instant) -> bool {
+    /// Whether [`on_timer`](Self::on_timer) has something to do at `now` (a planned drain
+    /// begins, or a grace period is over): the relay then calls it and does nothing else
+    /// at this tick.
+    pub fn timer_due(&self, now: Instant) -> bool {
         self.next_deadline().is_some_and(|d| now >= d)
+    }
+
+    /// Plans a drain for `cause` at `at`, unless an earlier one is planned; at or after
+    /// `at` it begins as [`on_drain`](Self::on_drain) begins it. One due already (`at`
+    /// not after `now`) begins now. Nothing if the connection is already closing.
+    pub fn plan_drain(&mut self, cause: DrainCause, at: Instant, now: Instant) -> Vec<Action> {
+        if self.is_closing() {
+            return Vec::new();
+        }
+        if self.planned.is_none_or(|(planned, _)| at < planned) {
+            self.planned = Some((at, cause));
+        }
+        match self.planned {
+            Some((at, cause)) if at <= now => self.on_drain(cause, now),
+            _ => Vec::new(),
+        }
     }
 
     /// A close frame came from `leg`. The reply to wsbeat's own close ends the
@@ -348,21 +421,23 @@ impl Closing {
         actions
     }
 
-    /// wsbeat is shutting down: drain, client first. 1001 to the client while its
-    /// messages still flow to the upstream; once the client has answered (or is gone, or
-    /// the drain grace passed), 1001 to the upstream. Nothing if already closing.
+    /// wsbeat is shutting down: drain now (see [`on_drain`](Self::on_drain)).
     pub fn on_shutdown(&mut self, now: Instant) -> Vec<Action> {
+        self.on_drain(DrainCause::Shutdown, now)
+    }
+
+    /// Drain, client first: 1001 to the client while its messages still flow to the
+    /// upstream; once the client has answered (or is gone, or the drain grace passed),
+    /// 1001 to the upstream. Nothing if already closing.
+    pub fn on_drain(&mut self, cause: DrainCause, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         if self.is_closing() {
             return actions;
         }
-        self.send_close(
-            &mut actions,
-            Leg::Client,
-            close::GOING_AWAY,
-            "wsbeat is shutting down",
-        );
+        self.planned = None;
+        self.send_close(&mut actions, Leg::Client, close::GOING_AWAY, cause.reason());
         self.phase = Phase::Draining {
+            cause,
             deadline: (now + CLOSE_GRACE).min(now + self.drain_grace),
         };
         self.advance_drain(&mut actions, now);
@@ -379,14 +454,17 @@ impl Closing {
         vec![Action::Cut(target)]
     }
 
-    /// The timer fired at `now`. Once the grace period is over the close handshakes took
-    /// too long: the legs are given up, except that a drain still owes the upstream its
-    /// close: then only the client is given up, and the upstream gets its 1001 with a
-    /// fresh grace period.
+    /// The timer fired at `now`. A planned drain that is due begins. Once the grace
+    /// period is over the close handshakes took too long: the legs are given up, except
+    /// that a drain still owes the upstream its close: then only the client is given up,
+    /// and the upstream gets its 1001 with a fresh grace period.
     pub fn on_timer(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
-        if !self.grace_over(now) {
+        if !self.timer_due(now) {
             return actions;
+        }
+        if let (Phase::Open, Some((_, cause))) = (self.phase, self.planned) {
+            return self.on_drain(cause, now);
         }
         self.give_up(&mut actions, Leg::Client);
         if !matches!(self.phase, Phase::Draining { .. }) {
@@ -461,17 +539,14 @@ impl Closing {
     /// The second half of a drain: close the upstream once nothing more can come from
     /// the client, with a fresh grace period for its answer.
     fn advance_drain(&mut self, actions: &mut Vec<Action>, now: Instant) {
-        if matches!(self.phase, Phase::Draining { .. }) && !self.reads(Leg::Client) {
-            self.send_close(
-                actions,
-                Leg::Upstream,
-                close::GOING_AWAY,
-                "wsbeat is shutting down",
-            );
-            self.phase = Phase::Closing {
-                outcome: Outcome::Shutdown,
-                deadline: now + CLOSE_GRACE,
-            };
+        if let Phase::Draining { cause, .. } = self.phase {
+            if !self.reads(Leg::Client) {
+                self.send_close(actions, Leg::Upstream, close::GOING_AWAY, cause.reason());
+                self.phase = Phase::Closing {
+                    outcome: cause.outcome(),
+                    deadline: now + CLOSE_GRACE,
+                };
+            }
         }
     }
 }

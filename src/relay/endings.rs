@@ -68,6 +68,8 @@ impl Harness {
             write_timeout: config.limits.write_timeout.0,
             shutdown: shutdown.clone(),
             drain_grace: super::drain_grace(config.shutdown.drain_timeout.0),
+            close_spread: Default::default(),
+            max_age: None,
             started,
         };
         let socket = |io| Socket {

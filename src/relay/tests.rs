@@ -44,6 +44,8 @@ fn start(client_buffer: usize, tune: impl FnOnce(&mut Config)) -> Harness {
         write_timeout: config.limits.write_timeout.0,
         shutdown: shutdown.clone(),
         drain_grace: drain_grace(config.shutdown.drain_timeout.0),
+        close_spread: Default::default(),
+        max_age: None,
         started,
         route,
     };

@@ -28,6 +28,40 @@ fn unknown_config_key_exits_64_naming_the_key() {
 }
 
 #[test]
+fn check_refuses_a_close_spread_longer_than_the_drain_naming_both_keys() {
+    let file = write_temp_config(
+        "upstream:\n  url: ws://127.0.0.1:9\nshutdown:\n  drain_timeout: 10s\n  close_spread: 30s\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config", file.path()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("shutdown.close_spread") && err.contains("drain_timeout (10s)"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one clear message: {err}");
+    // As long as the drain is allowed, and printed in the effective config.
+    let file = write_temp_config(
+        "upstream:\n  url: ws://127.0.0.1:9\nshutdown:\n  drain_timeout: 10s\n  close_spread: 10s\nlimits:\n  max_connection_age: 1h\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config", file.path()])
+        .output()
+        .unwrap();
+    let effective = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(effective.contains("close_spread: 10s"), "{effective}");
+    assert!(effective.contains("max_connection_age: 1h"), "{effective}");
+}
+
+#[test]
 fn bad_values_and_missing_files_exit_64() {
     for (yaml, needle) in [
         ("heartbeat:\n  interval: often\n", "heartbeat.interval"),
@@ -40,6 +74,10 @@ fn bad_values_and_missing_files_exit_64() {
         (
             "limits:\n  max_connections: 18446744073709551615\n",
             "limits.max_connections",
+        ),
+        (
+            "limits:\n  max_connection_age: 0s\n",
+            "limits.max_connection_age",
         ),
         // A deadline this far away would overflow the clock.
         (

@@ -22,19 +22,21 @@ const WARM: u64 = 3;
 
 /// What one side of one connection did, reported when its socket is done.
 #[derive(Debug, Default)]
-struct Tally {
+pub(crate) struct Tally {
     /// Messages sent (the send returned Ok).
-    sent: u64,
+    pub sent: u64,
     /// Messages received; they must be numbered 0, 1, 2 … without gaps.
-    received: u64,
+    pub received: u64,
     /// The close code the peer received.
-    close_code: Option<u16>,
+    pub close_code: Option<u16>,
+    /// When the peer's close frame arrived.
+    pub closed_at: Option<Instant>,
 }
 
 /// Runs one peer: sends `{prefix}{n}` every TICK, checks the other side's numbering,
 /// reports `warm` once WARM messages came in, stops sending at the close and returns
 /// its tally once the socket is done.
-async fn peer<S>(
+pub(crate) async fn peer<S>(
     mut ws: tokio_tungstenite::WebSocketStream<S>,
     prefix: &'static str,
     expect: &'static str,
@@ -62,6 +64,7 @@ where
                     }
                 }
                 Some(Ok(Message::Close(frame))) => {
+                    tally.closed_at = Some(Instant::now());
                     tally.close_code = frame.map(|f| f.code.into());
                     closing = true;
                 }
@@ -73,7 +76,7 @@ where
 }
 
 /// A backend that runs `peer` on every connection, keyed by the `/conn/N` path.
-async fn numbered_backend(
+pub(crate) async fn numbered_backend(
     warm: mpsc::UnboundedSender<()>,
 ) -> (SocketAddr, mpsc::UnboundedReceiver<(usize, Tally)>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

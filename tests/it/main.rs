@@ -25,6 +25,7 @@ mod metrics;
 mod netns;
 mod paths;
 mod proxy_protocol;
+mod rebalance;
 mod relay;
 mod structure;
 mod tls;

@@ -70,6 +70,7 @@ const OUTCOMES: &[&str] = &[
     "upstream_dead",
     "error",
     "shutdown",
+    "max_age",
 ];
 const UPSTREAM_ERRORS: &[&str] = &[
     "timeout",
@@ -1317,6 +1318,36 @@ async fn a_dead_upstream_is_counted_as_upstream_dead() {
     assert_eq!(s.value("wsbeat_pongs_received_total", &up), 0.0);
     let code = |leg, code| s.value("wsbeat_close_codes_total", &[("leg", leg), ("code", code)]);
     assert_eq!(code("client", "1011"), 1.0, "{}", s.text);
+    assert_eq!(code("upstream", "1001"), 1.0, "{}", s.text);
+}
+
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
+#[tokio::test]
+async fn a_connection_past_its_maximum_age_is_counted_as_max_age() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |c| {
+        c.limits.max_connection_age = Some(ms(300));
+    })
+    .await;
+    let mut client = connect(&proxy.url("/")).await;
+    let frame = recv_close(&mut client).await.expect("a close frame");
+    assert_eq!(
+        frame.code,
+        CloseCode::Away,
+        "closed as a drain closes: 1001"
+    );
+    finish(&mut client).await;
+    let s = settled(proxy.admin, 1).await;
+    let d = ("route", "default");
+    assert_eq!(
+        s.value("wsbeat_connections_total", &[d, ("outcome", "max_age")]),
+        1.0,
+        "{}",
+        s.text
+    );
+    assert_eq!(s.sum("wsbeat_connections_total", &[]), 1.0);
+    let code = |leg, code| s.value("wsbeat_close_codes_total", &[("leg", leg), ("code", code)]);
+    assert_eq!(code("client", "1001"), 1.0, "{}", s.text);
     assert_eq!(code("upstream", "1001"), 1.0, "{}", s.text);
 }
 

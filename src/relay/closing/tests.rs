@@ -78,9 +78,9 @@ fn an_upstream_close_is_echoed_and_passed_on_then_answered() {
 fn a_close_without_an_answer_is_given_up_after_the_grace() {
     let (mut m, t0) = machine();
     m.on_close_frame(Leg::Client, 1000, "", t0);
-    assert!(!m.grace_over(t0 + CLOSE_GRACE - MS));
+    assert!(!m.timer_due(t0 + CLOSE_GRACE - MS));
     assert_eq!(m.on_timer(t0 + CLOSE_GRACE - MS), []);
-    assert!(m.grace_over(t0 + CLOSE_GRACE));
+    assert!(m.timer_due(t0 + CLOSE_GRACE));
     assert_eq!(
         m.on_timer(t0 + CLOSE_GRACE),
         [Action::GiveUp(Leg::Client), Action::GiveUp(Leg::Upstream)]
@@ -475,4 +475,142 @@ fn a_slow_client_in_a_drain_closes_the_upstream_at_once() {
 fn the_drain_grace_leaves_room_for_the_upstreams_close() {
     assert_eq!(drain_grace(Duration::from_secs(25)), CLOSE_GRACE);
     assert_eq!(drain_grace(900 * MS), 300 * MS);
+}
+
+#[test]
+fn a_planned_drain_waits_for_its_turn_then_drains_client_first() {
+    let (mut m, t0) = machine();
+    let turn = t0 + 1500 * MS;
+    assert_eq!(m.plan_drain(DrainCause::Shutdown, turn, t0), []);
+    // Still open until then: frames flow, nothing decided.
+    assert!(!m.is_closing());
+    assert_eq!(m.outcome(), None);
+    assert_eq!(m.next_deadline(), Some(turn));
+    assert!(!m.timer_due(turn - MS));
+    assert_eq!(m.on_timer(turn - MS), []);
+    assert!(m.timer_due(turn));
+    assert_eq!(
+        m.on_timer(turn),
+        [send(
+            Leg::Client,
+            close::GOING_AWAY,
+            "wsbeat is shutting down"
+        )]
+    );
+    assert_eq!(m.outcome(), Some(Outcome::Shutdown));
+    assert_eq!(m.next_deadline(), Some(turn + CLOSE_GRACE));
+    assert!(m.reads(Leg::Client) && m.may_send(Leg::Upstream));
+}
+
+#[test]
+fn a_drain_due_already_begins_at_once() {
+    let (mut m, t0) = machine();
+    assert_eq!(
+        m.plan_drain(DrainCause::Shutdown, t0, t0),
+        [send(
+            Leg::Client,
+            close::GOING_AWAY,
+            "wsbeat is shutting down"
+        )]
+    );
+    assert_eq!(m.outcome(), Some(Outcome::Shutdown));
+}
+
+#[test]
+fn max_age_drains_like_a_shutdown_and_is_counted_as_max_age() {
+    let (mut m, t0) = machine();
+    let age = t0 + 1000 * MS;
+    assert_eq!(m.plan_drain(DrainCause::MaxAge, age, t0), []);
+    let reason = "connection reached its maximum age";
+    assert_eq!(
+        m.on_timer(age),
+        [send(Leg::Client, close::GOING_AWAY, reason)]
+    );
+    assert_eq!(m.outcome(), Some(Outcome::MaxAge));
+    // The client's messages still flow; its answer closes the upstream.
+    assert!(m.reads(Leg::Client) && m.may_send(Leg::Upstream));
+    let answered = age + 20 * MS;
+    assert_eq!(
+        m.on_close_frame(Leg::Client, close::GOING_AWAY, "", answered),
+        [send(Leg::Upstream, close::GOING_AWAY, reason)]
+    );
+    assert_eq!(
+        m.on_close_frame(Leg::Upstream, close::GOING_AWAY, "", answered + MS),
+        []
+    );
+    assert_eq!(m.outcome(), Some(Outcome::MaxAge));
+    assert_eq!(
+        codes(&m),
+        (Some(close::GOING_AWAY), Some(close::GOING_AWAY))
+    );
+}
+
+#[test]
+fn the_earliest_planned_drain_wins_and_a_closing_connection_plans_none() {
+    let (mut m, t0) = machine();
+    m.plan_drain(DrainCause::MaxAge, t0 + 5000 * MS, t0);
+    // A shutdown turn before the age limit takes its place, and its cause.
+    m.plan_drain(DrainCause::Shutdown, t0 + 2000 * MS, t0 + MS);
+    assert_eq!(m.next_deadline(), Some(t0 + 2000 * MS));
+    // A later one changes nothing.
+    m.plan_drain(DrainCause::MaxAge, t0 + 3000 * MS, t0 + 2 * MS);
+    assert_eq!(m.next_deadline(), Some(t0 + 2000 * MS));
+    m.on_timer(t0 + 2000 * MS);
+    assert_eq!(m.outcome(), Some(Outcome::Shutdown));
+
+    // The client closed first: its ending stands, no drain is planned any more.
+    let (mut m, t0) = machine();
+    m.plan_drain(DrainCause::MaxAge, t0 + 1000 * MS, t0);
+    m.on_close_frame(Leg::Client, 1000, "", t0 + 10 * MS);
+    assert_eq!(m.plan_drain(DrainCause::Shutdown, t0, t0 + 20 * MS), []);
+    assert_eq!(m.next_deadline(), Some(t0 + 10 * MS + CLOSE_GRACE));
+    assert_eq!(m.outcome(), Some(Outcome::ClientClose));
+}
+
+#[test]
+fn max_age_jitter_stays_within_ten_percent() {
+    let hour = Duration::from_secs(3600);
+    // The extremes of the random value are the edges of the window.
+    let low = jittered_age(hour, 0);
+    let high = jittered_age(hour, u64::MAX);
+    assert_eq!(low, Duration::from_secs(3240) + 10 * MS);
+    assert!(high <= Duration::from_secs(3960) - 50 * MS, "{high:?}");
+    assert!(high > Duration::from_secs(3960) - 51 * MS, "{high:?}");
+    assert_eq!(
+        jittered_age(hour, 1 << 63),
+        Duration::from_millis(3_599_980)
+    );
+    // One second: the early margin is 10 ms, the late one 50 ms.
+    let second = Duration::from_secs(1);
+    assert_eq!(jittered_age(second, 0), 910 * MS);
+    assert!(jittered_age(second, u64::MAX) <= 1050 * MS);
+    assert!(jittered_age(second, u64::MAX) > 1049 * MS);
+    // Any random value: inside ±10%, and the draws cover the window evenly (a spread
+    // of well-mixed values lands in every tenth of it).
+    let mut tenths = [0u32; 10];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..10_000 {
+        // xorshift64: well-mixed test inputs without a clock or a crate.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let age = jittered_age(second, x);
+        assert!(age >= 900 * MS && age <= 1100 * MS, "{age:?}");
+        let tenth = ((age - 910 * MS).as_secs_f64() / 0.140 * 10.0) as usize;
+        tenths[tenth.min(9)] += 1;
+    }
+    for (i, n) in tenths.iter().enumerate() {
+        assert!((800..1200).contains(n), "tenth {i}: {n} of 10000");
+    }
+    // Tiny ages: the margins shrink with them, the window never turns over.
+    for ms in [1, 10, 100] {
+        let age = ms * MS;
+        for r in [0, 1 << 63, u64::MAX] {
+            let j = jittered_age(age, r);
+            assert!(
+                j >= age.mul_f64(0.9) && j <= age.mul_f64(1.1),
+                "{age:?} {j:?}"
+            );
+        }
+    }
 }

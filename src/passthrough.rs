@@ -20,7 +20,9 @@ use prometheus::{IntCounter, IntCounterVec};
 use tokio::net::TcpStream;
 
 pub use self::retry::UpstreamIo;
-use self::retry::{failed_on_stale_connection, may_retry, ClientBody};
+use self::retry::{
+    failed_on_stale_connection, may_retry, returned_unsent, unless_lost, ClientBody, Lost,
+};
 
 use crate::config::{Route, Routes};
 use crate::forwarding::{add_forwarding, append_via, copy_end_to_end, ClientInfo};
@@ -148,6 +150,9 @@ impl Passthrough {
                     .pool_timer(TokioTimer::new())
                     .pool_idle_timeout(route.upstream.pool_idle_timeout.0)
                     .pool_max_idle_per_host(MAX_IDLE_PER_UPSTREAM)
+                    // A request the pool returns unsent is sent again here, on a new
+                    // connection (`RouteClient::send`), not on another pooled one.
+                    .retry_canceled_requests(false)
                     .build(connector.clone());
                 let fresh = Client::builder(TokioExecutor::new())
                     .timer(TokioTimer::new())
@@ -180,12 +185,11 @@ impl Passthrough {
         };
         let upstream = format!("{scheme}://{}", route.upstream.url.authority());
         let client = &self.clients[&route.name];
-        let exchange = client.send(upstream_request(req, info, &upstream), route);
+        let exchange = client.send(upstream_request(req, info, &upstream), route, &upstream);
         let response = match tokio::time::timeout(route.upstream.request_timeout.0, exchange).await
         {
             Err(_) => return Err(ForwardError::Timeout(upstream)),
-            Ok(Err(e)) => return Err(classify(e, upstream)),
-            Ok(Ok(response)) => response,
+            Ok(result) => result?,
         };
         let (parts, body) = response.into_parts();
         let mut out = Response::new(body);
@@ -198,36 +202,53 @@ impl Passthrough {
 
 impl RouteClient {
     /// One request through the pool, and once more on a new connection if the pooled one
-    /// turned out stale and the request may be repeated.
+    /// turned out stale and the request may be repeated, or if the pool gave it back
+    /// unsent.
     async fn send(
         &self,
         req: Request<Incoming>,
         route: &Route,
-    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        upstream: &str,
+    ) -> Result<Response<Incoming>, ForwardError> {
         let (parts, body) = req.into_parts();
         let (body, slot) = ClientBody::new(body);
         let again = Request::from_parts(parts.clone(), ());
-        let first = self.pooled.request(Request::from_parts(parts, body)).await;
-        let e = match first {
-            Ok(response) => return Ok(response),
-            Err(e) => e,
+        let mut req = Request::from_parts(parts, body);
+        let captured = hyper_util::client::legacy::connect::capture_connection(&mut req);
+        // Why the request may go again, if it may: `unsent` when nothing of it reached
+        // the upstream (sending it again is sending it once); otherwise the connection
+        // was stale and may have had its head, and `may_retry` decides.
+        let (unsent, why) = match unless_lost(self.pooled.request(req), captured).await {
+            Ok(Ok(response)) => return Ok(response),
+            Err(Lost) => (true, "a closing pooled connection lost the request unsent"),
+            Ok(Err(e)) if returned_unsent(&e) => {
+                (true, "a pooled connection closed before taking the request")
+            }
+            Ok(Err(e)) if failed_on_stale_connection(&e) => (
+                false,
+                "a reused upstream connection failed before the response",
+            ),
+            Ok(Err(e)) => return Err(classify(e, upstream)),
         };
-        if !failed_on_stale_connection(&e) {
-            return Err(e);
-        }
         let (sent, body) = slot
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take_back();
-        let Some(body) = body.filter(|_| may_retry(again.method(), sent)) else {
-            tracing::debug!(route = %route.name, method = %again.method(), error = %e, "a reused upstream connection failed; the request cannot be repeated");
-            return Err(e);
+        let Some(body) = body.filter(|_| unsent || may_retry(again.method(), sent)) else {
+            tracing::debug!(route = %route.name, method = %again.method(), "{why}; the request cannot be repeated");
+            return Err(ForwardError::Http {
+                upstream: upstream.to_owned(),
+                reason: why.to_owned(),
+            });
         };
-        tracing::debug!(route = %route.name, method = %again.method(), error = %e, "a reused upstream connection failed before the response: retrying on a new one");
+        tracing::debug!(route = %route.name, method = %again.method(), "{why}: sending it on a new connection");
         self.retries.inc();
         let (parts, ()) = again.into_parts();
         let (body, _) = ClientBody::new(body);
-        self.fresh.request(Request::from_parts(parts, body)).await
+        self.fresh
+            .request(Request::from_parts(parts, body))
+            .await
+            .map_err(|e| classify(e, upstream))
     }
 }
 
@@ -261,18 +282,18 @@ fn upstream_request(req: Request<Incoming>, info: ClientInfo, upstream: &str) ->
 }
 
 /// Tells a connect timeout (504) from a refused connect (502) from a broken exchange.
-fn classify(e: hyper_util::client::legacy::Error, upstream: String) -> ForwardError {
+fn classify(e: hyper_util::client::legacy::Error, upstream: &str) -> ForwardError {
     let mut source = e.source();
     let mut reason = e.to_string();
     while let Some(s) = source {
         reason = s.to_string();
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
             if io.kind() == std::io::ErrorKind::TimedOut {
-                return ForwardError::Timeout(upstream);
+                return ForwardError::Timeout(upstream.to_owned());
             }
             if let Some(tls) = io.get_ref().and_then(|e| e.downcast_ref::<TlsFailed>()) {
                 return ForwardError::Tls {
-                    upstream,
+                    upstream: upstream.to_owned(),
                     reason: tls.to_string(),
                 };
             }
@@ -280,9 +301,15 @@ fn classify(e: hyper_util::client::legacy::Error, upstream: String) -> ForwardEr
         source = s.source();
     }
     if e.is_connect() {
-        ForwardError::Connect { upstream, reason }
+        ForwardError::Connect {
+            upstream: upstream.to_owned(),
+            reason,
+        }
     } else {
-        ForwardError::Http { upstream, reason }
+        ForwardError::Http {
+            upstream: upstream.to_owned(),
+            reason,
+        }
     }
 }
 

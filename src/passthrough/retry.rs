@@ -6,13 +6,15 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::http::Extensions;
 use hyper::Method;
-use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::connect::{CaptureConnection, Connected, Connection};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
 
 use crate::tls::LegStream;
 
@@ -32,6 +34,12 @@ impl UpstreamIo {
     }
 }
 
+impl Drop for UpstreamIo {
+    fn drop(&mut self) {
+        self.usage.closed.cancel();
+    }
+}
+
 /// What one upstream connection has carried, shared with the requests sent on it (as a
 /// [`Connected`] extra), so that a request that fails can tell whether the connection
 /// was a reused one and whether any byte of its response had arrived.
@@ -45,6 +53,8 @@ struct ConnectionUsage {
     exchanges: AtomicU32,
     /// Response bytes read in the current exchange.
     read_in_exchange: AtomicU64,
+    /// Fired when the connection is gone (its socket dropped).
+    closed: CancellationToken,
 }
 
 impl ConnectionUsage {
@@ -127,6 +137,61 @@ impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
         Connected::new().extra(self.usage.clone())
     }
+}
+
+/// How long a request may stay unanswered after its connection is gone before it is
+/// taken for lost (see [`unless_lost`]). A request the connection had taken gets its
+/// error as the connection is dropped, at once: this only has to cover scheduling.
+const LOST_AFTER: Duration = Duration::from_secs(1);
+
+/// The request never got to its connection, which is gone: it was not sent.
+#[derive(Debug)]
+pub(super) struct Lost;
+
+/// Runs `attempt`, a request sent through the pool, unless the connection it was given
+/// closes and it stays unanswered for [`LOST_AFTER`]: then it is [`Lost`].
+///
+/// hyper can lose a request queued on a pooled connection whose dispatcher is closing
+/// at that moment (the backend closed it while it sat idle). The request enters the
+/// dispatcher's channel just after the dispatcher drained it on its way out, and its
+/// answer never comes: it would wait for `request_timeout`, and the connection's
+/// descriptor with it. Such a request was never written, so it can go again.
+pub(super) async fn unless_lost<F, T>(
+    attempt: F,
+    mut captured: CaptureConnection,
+) -> Result<T, Lost>
+where
+    F: std::future::Future<Output = T>,
+{
+    let closed = async {
+        let usage = {
+            let connected = captured.wait_for_connection_metadata().await;
+            let mut extras = Extensions::new();
+            if let Some(connected) = connected.as_ref() {
+                connected.get_extras(&mut extras);
+            }
+            extras.get::<Arc<ConnectionUsage>>().cloned()
+        };
+        match usage {
+            Some(usage) => usage.closed.cancelled().await,
+            // No connection (the connect failed): the attempt ends by itself.
+            None => std::future::pending().await,
+        }
+        tokio::time::sleep(LOST_AFTER).await;
+    };
+    tokio::select! {
+        biased;
+        answered = attempt => Ok(answered),
+        () = closed => Err(Lost),
+    }
+}
+
+/// Whether a request came back from the pool unsent: hyper returns a request it never
+/// wrote as "canceled" (its connection closed before taking it).
+pub(super) fn returned_unsent(e: &hyper_util::client::legacy::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<hyper::Error>())
+        .is_some_and(hyper::Error::is_canceled)
 }
 
 /// Whether the connection a request failed on was stale (see [`ConnectionUsage::stale`]).

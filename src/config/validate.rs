@@ -9,6 +9,9 @@ use super::{
     invalid, Config, ConfigError, HeartbeatSettings, LivenessConfig, UpstreamConfig, DEFAULT_ROUTE,
 };
 
+/// The shortest `reload.watch`: each look reads the whole file.
+const MIN_RELOAD_WATCH: Duration = Duration::from_millis(100);
+
 impl Config {
     /// Checks what serde cannot: ranges, relations between keys, route paths. Pure: it
     /// reads no file (the certificate files are loaded by `tls::Setup::load`, a step of
@@ -72,6 +75,12 @@ impl Config {
             if d.0.is_zero() {
                 return Err(invalid(key, "must be longer than 0s"));
             }
+        }
+        if self.reload.watch.is_some_and(|d| d.0 < MIN_RELOAD_WATCH) {
+            return Err(invalid(
+                "reload.watch",
+                "must be at least 100ms, or null (reload on SIGHUP only)",
+            ));
         }
         // Port 0 asks for any free port: two such listeners never share one.
         if self.listen.port() != 0 && self.admin.listen == Some(self.listen) {

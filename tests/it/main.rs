@@ -26,6 +26,7 @@ mod netns;
 mod paths;
 mod proxy_protocol;
 mod relay;
+mod reload;
 mod structure;
 mod tls;
 mod trust;

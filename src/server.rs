@@ -739,15 +739,19 @@ impl Capacity {
     }
 
     /// Makes the limit `to`. Shrinking needs a tokio runtime: the surplus is waited for
-    /// by a task.
+    /// by a task (without one, the limit stays as it was).
     fn resize(&self, to: usize) {
         let mut size = self.size.lock().unwrap_or_else(|e| e.into_inner());
         if to > *size {
             self.permits.add_permits(to - *size);
         } else if to < *size {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                tracing::warn!("no runtime to lower a connection limit: kept at {size}");
+                return;
+            };
             let permits = self.permits.clone();
             let mut surplus = *size - to;
-            tokio::spawn(async move {
+            runtime.spawn(async move {
                 while surplus > 0 {
                     let n = u32::try_from(surplus).unwrap_or(u32::MAX);
                     match permits.acquire_many(n).await {
@@ -850,6 +854,34 @@ mod tests {
         );
         drop(b);
         assert!(limit.admit(ip, None).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_lowered_capacity_closes_nothing_and_admits_again_below_the_new_limit() {
+        let capacity = super::Capacity::new(3);
+        let held: Vec<_> = (0..3)
+            .map(|_| capacity.permits.clone().try_acquire_owned().unwrap())
+            .collect();
+        capacity.resize(1);
+        let mut held = held.into_iter();
+        drop(held.next());
+        drop(held.next());
+        // Two came back, both taken by the lower limit: one still in use, at the limit.
+        let taken = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while capacity.permits.available_permits() > 0 {
+                tokio::task::yield_now().await;
+            }
+        });
+        taken.await.unwrap();
+        assert!(capacity.permits.clone().try_acquire_owned().is_err());
+        drop(held.next());
+        let one = capacity.permits.clone().try_acquire_owned().unwrap();
+        assert!(capacity.permits.clone().try_acquire_owned().is_err());
+        capacity.resize(2);
+        let two = capacity.permits.clone().try_acquire_owned().unwrap();
+        assert!(capacity.permits.clone().try_acquire_owned().is_err());
+        drop((one, two));
+        assert_eq!(capacity.permits.available_permits(), 2);
     }
 
     #[test]

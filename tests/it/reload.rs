@@ -536,3 +536,71 @@ async fn a_reload_swaps_the_certificate_for_new_handshakes_and_old_connections_g
     echo_roundtrip(&mut long_lived, Message::text("old certificate")).await;
     wsbeat.assert_running();
 }
+
+/// A plain HTTP backend answering every request with `body`; when `hold` is set, it
+/// reports each request head it has read and answers only once `hold` is notified.
+async fn http_backend(
+    body: &'static str,
+    hold: Option<std::sync::Arc<tokio::sync::Notify>>,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (seen, requests) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let (seen, hold) = (seen.clone(), hold.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = seen.send(());
+                if let Some(hold) = hold {
+                    hold.notified().await;
+                }
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    (addr, requests)
+}
+
+#[tokio::test]
+async fn a_changed_route_gets_a_new_http_pool_and_requests_in_flight_finish_on_the_old() {
+    let ws = Backend::echo().await;
+    let hold = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (old_api, mut old_seen) = http_backend("old api", Some(hold.clone())).await;
+    let (new_api, _) = http_backend("new api", None).await;
+    let config = |api: SocketAddr| {
+        format!(
+            "{}reload: {{ watch: null }}\nroutes:\n  - name: api\n    path: /api\n    upstream: {{ url: \"ws://{api}\" }}\n",
+            upstream(&ws)
+        )
+    };
+    let mut wsbeat = Reloadable::start(&config(old_api));
+    let addr = wsbeat.addr;
+    let in_flight = tokio::spawn(async move { get(addr, "/api/slow").await });
+    tokio::time::timeout(PATIENCE, old_seen.recv())
+        .await
+        .expect("the old upstream got the request")
+        .unwrap();
+
+    wsbeat.publish(&config(new_api));
+    assert_eq!(wsbeat.hup()["message"], RELOADED);
+    let after = get(wsbeat.addr, "/api/fast").await;
+    assert_eq!((after.status, after.body.as_str()), (200, "new api"));
+    // The request that started before the reload ends on the old pool, untouched.
+    hold.notify_one();
+    let before = in_flight.await.unwrap();
+    assert_eq!((before.status, before.body.as_str()), (200, "old api"));
+}

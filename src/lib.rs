@@ -109,8 +109,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 /// Serves on an already bound listener until `shutdown` resolves; then stops accepting,
 /// closes every WebSocket with 1001 on both legs and waits for them at most
 /// `shutdown.drain_timeout`. `tls` is what `tls::Setup::load` made of `config`: nothing
-/// here can fail to start.
-/// The configuration is never reloaded (see [`run`]).
+/// here can fail to start. The configuration is never reloaded (that is [`run`]'s).
 pub async fn serve(
     config: Arc<Config>,
     tls: tls::Setup,
@@ -121,6 +120,7 @@ pub async fn serve(
     serve_reloading(config, tls, listener, admin, None, shutdown).await
 }
 
+/// [`serve`], reloading the configuration from `source` when there is one.
 async fn serve_reloading(
     config: Arc<Config>,
     mut tls: tls::Setup,

@@ -317,6 +317,15 @@ def cmd_manifests(rendered, reference):
     if not re.match(r"^wss?://(127\.0\.0\.1|localhost|\[::1\]):\d+/?$", upstream):
         problems.append(f"upstream.url {upstream} is not the backend container in the same pod (loopback)")
 
+    # Reload: wsbeat picks up a ConfigMap change itself, which needs a directory mount
+    # (the kubelet never updates a subPath mount) and the file watch on.
+    for mount in ws.get("volumeMounts", []) or []:
+        vol = next((v for v in pod.get("volumes", []) if v["name"] == mount["name"]), {})
+        if "configMap" in vol and mount.get("subPath"):
+            problems.append(f"volumeMount {mount['name']} uses subPath: a ConfigMap change would never reach wsbeat")
+    if (cfg.get("reload") or {}).get("watch") is None:
+        problems.append("reload.watch is null: a ConfigMap change would need a restart")
+
     # Shutdown: wsbeat drains inside the grace period, and the backend outlives the drain.
     drain = seconds(cfg["shutdown"]["drain_timeout"])
     grace = pod.get("terminationGracePeriodSeconds", 30)

@@ -22,6 +22,8 @@
 //! - [`admin`]: `/metrics`, `/livez`, `/readyz`, `/connections` on their own listener.
 //! - [`tls`]: rustls configs for both legs, their certificates reloaded in the background,
 //!   the leg stream type.
+//! - [`reload`]: SIGHUP and the config-file watch; a reload validates as `wsbeat check`,
+//!   then swaps the whole configuration at once ([`server::Proxy::reconfigure`]).
 //! - [`shutdown`]: signals, the drain with a deadline, the spread of its closes.
 #![forbid(unsafe_code)]
 
@@ -37,6 +39,7 @@ pub mod metrics;
 pub mod passthrough;
 pub mod proxy_protocol;
 pub mod relay;
+pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod tls;
@@ -68,7 +71,12 @@ pub enum Error {
 }
 
 /// Binds the configured listeners and serves until `shutdown` resolves, then drains.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+/// `config` is what `source` loaded; SIGHUP and changes of its file reload it.
+pub async fn run(
+    config: Config,
+    source: reload::Source,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
     // `validate` reads no file: the certificate files are loaded here, once, before
     // binding; `serve` uses what was loaded (and checked), never a second read.
     let tls = tls::Setup::load(&config)?;
@@ -79,7 +87,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Some(addr) => Some(bind(addr).await?),
         None => None,
     };
-    serve(Arc::new(config), tls, listener, admin, shutdown).await;
+    serve_reloading(
+        Arc::new(config),
+        tls,
+        listener,
+        admin,
+        Some(source),
+        shutdown,
+    )
+    .await;
     Ok(())
 }
 
@@ -94,12 +110,24 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 /// closes every WebSocket with 1001 on both legs (the client first; the first closes
 /// spread over `shutdown.close_spread`) and waits for them at most
 /// `shutdown.drain_timeout`. `tls` is what `tls::Setup::load` made of `config`: nothing
-/// here can fail to start.
+/// here can fail to start. The configuration is never reloaded (that is [`run`]'s).
 pub async fn serve(
+    config: Arc<Config>,
+    tls: tls::Setup,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) {
+    serve_reloading(config, tls, listener, admin, None, shutdown).await
+}
+
+/// [`serve`], reloading the configuration from `source` when there is one.
+async fn serve_reloading(
     config: Arc<Config>,
     mut tls: tls::Setup,
     listener: TcpListener,
     admin: Option<TcpListener>,
+    source: Option<reload::Source>,
     shutdown: impl Future<Output = ()>,
 ) {
     if let Ok(addr) = listener.local_addr() {
@@ -107,9 +135,8 @@ pub async fn serve(
     }
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let drain_timeout = config.shutdown.drain_timeout.0;
     let metrics = metrics::Metrics::new(&config.routes(), config.metrics.per_connection);
-    let reload = tls.reload_in_background();
+    let certificates = tls.reload_in_background();
     let ready = Arc::new(AtomicBool::new(true));
     // The admin listener is not tracked: it serves until the process exits.
     let admin = admin.map(|listener| {
@@ -123,10 +150,11 @@ pub async fn serve(
     let proxy = Arc::new(server::Proxy::new(
         config,
         tls,
-        metrics,
+        metrics.clone(),
         token.clone(),
         tracker.clone(),
     ));
+    let reloading = reload::Reloading::start(source, proxy.clone(), metrics, certificates);
     tokio::select! {
         _ = proxy.clone().serve(listener) => {}
         _ = shutdown => {}
@@ -134,8 +162,11 @@ pub async fn serve(
     ready.store(false, Ordering::Relaxed);
     // Before the token fires: each relay takes its turn from this as it is told.
     proxy.spread_closes(tokio::time::Instant::now());
-    // No new handshakes from here on: the certificate files need no more looks.
-    drop(reload);
+    // No new handshakes from here on: neither the configuration nor the certificate
+    // files need more looks.
+    drop(reloading);
+    // The configuration in use now, reloaded or not.
+    let drain_timeout = proxy.runtime().config.shutdown.drain_timeout.0;
     // The listener is dropped here: no new connections.
     tracing::info!(connections = tracker.len(), "draining");
     if shutdown::drain(&token, &tracker, drain_timeout).await {

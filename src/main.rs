@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use wsbeat::config::{Config, ConfigError, UpstreamUrl};
+use wsbeat::reload::Source;
 
 /// Exit code for a configuration error (EX_USAGE in sysexits.h).
 const EXIT_CONFIG: u8 = 64;
@@ -64,11 +65,28 @@ enum Command {
     },
 }
 
-fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
-    let mut config = match &cli.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
+/// The command-line settings that override the file's, at start-up and at every reload.
+#[derive(Clone)]
+struct Overrides {
+    listen: Option<String>,
+    upstream: Option<String>,
+    admin_listen: Option<String>,
+}
+
+/// Where the configuration comes from: the file and the overrides. Made before anything
+/// listens: from then on SIGHUP reloads instead of ending the process.
+fn source(cli: &Cli) -> Source {
+    let overrides = Overrides {
+        listen: cli.listen.clone(),
+        upstream: cli.upstream.clone(),
+        admin_listen: cli.admin_listen.clone(),
     };
+    Source::new(cli.config.clone(), move |config| {
+        apply_overrides(&overrides, config)
+    })
+}
+
+fn apply_overrides(cli: &Overrides, mut config: Config) -> Result<Config, ConfigError> {
     if let Some(listen) = &cli.listen {
         config.listen = listen.parse().map_err(|e| ConfigError::Invalid {
             key: "--listen".into(),
@@ -108,10 +126,12 @@ async fn main() -> ExitCode {
         LogFormat::Json => logs.json().flatten_event(true).init(),
     }
 
+    // Before anything listens: SIGHUP must reload from the start, never end the process.
+    let mut source = source(&cli);
     let result = match &cli.command {
         Some(Command::Demo { listen }) => demo::run(*listen, wsbeat::shutdown::signal()).await,
         Some(Command::Check { routes }) => {
-            return match load_config(&cli) {
+            return match source.load() {
                 Ok(config) => {
                     // The same step `run` takes: every certificate file read and checked.
                     if let Err(e) = wsbeat::tls::Setup::load(&config) {
@@ -141,8 +161,8 @@ async fn main() -> ExitCode {
                 Err(e) => config_error(e),
             };
         }
-        None => match load_config(&cli) {
-            Ok(config) => wsbeat::run(config, wsbeat::shutdown::signal()).await,
+        None => match source.load() {
+            Ok(config) => wsbeat::run(config, source, wsbeat::shutdown::signal()).await,
             Err(e) => return config_error(e),
         },
     };

@@ -2,11 +2,13 @@
 //! `Arc`, holding the registry of live connections behind `/connections` and the
 //! per-connection series.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::time::Instant;
 
@@ -65,7 +67,8 @@ pub fn close_code_label(code: Option<u16>) -> String {
 /// Every metric family, registered once.
 pub struct Metrics {
     registry: Registry,
-    per_connection: bool,
+    /// `metrics.per_connection`, as the configuration in use says.
+    per_connection: AtomicBool,
     pub connections_active: IntGaugeVec,
     pub connections_total: IntCounterVec,
     pub connection_duration: HistogramVec,
@@ -96,6 +99,12 @@ pub struct Metrics {
     /// WebSocket upgrades refused before the upstream was dialled, by `route` and one of
     /// [`HANDSHAKE_REJECT_REASONS`].
     pub handshakes_rejected: IntCounterVec,
+    /// Reloads of the configuration, by `result` (`success`, `failure`).
+    pub config_reloads: IntCounterVec,
+    /// 1 when the last load of the configuration (start-up or reload) succeeded.
+    pub config_last_reload_successful: IntGauge,
+    /// When the configuration in use was loaded (Unix seconds).
+    pub config_last_reload_success_timestamp: Gauge,
     connection_last_seen: GaugeVec,
     connection_pong_rtt: GaugeVec,
     /// The live WebSockets, listed by `/connections` and the per-connection series.
@@ -146,7 +155,7 @@ impl Metrics {
             g
         };
         let m = Metrics {
-            per_connection,
+            per_connection: AtomicBool::new(per_connection),
             connections_active,
             connections_total: counter(
                 &r,
@@ -285,6 +294,30 @@ impl Metrics {
                 "WebSocket upgrades refused before the upstream was dialled, by reason.",
                 &["route", "reason"],
             ),
+            config_reloads: counter(
+                &r,
+                "wsbeat_config_reloads_total",
+                "Reloads of the configuration (SIGHUP or a changed file), by result.",
+                &["result"],
+            ),
+            config_last_reload_successful: {
+                let g = IntGauge::new(
+                    "wsbeat_config_last_reload_successful",
+                    "1 when the last load of the configuration (start-up or reload) succeeded, else 0.",
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("registered once");
+                g
+            },
+            config_last_reload_success_timestamp: {
+                let g = Gauge::new(
+                    "wsbeat_config_last_reload_success_timestamp_seconds",
+                    "When the configuration in use was loaded (start-up or reload), Unix time.",
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("registered once");
+                g
+            },
             connection_last_seen: gauge(
                 "wsbeat_connection_last_seen_seconds",
                 "Seconds since the client's last frame, per connection (metrics.per_connection).",
@@ -297,40 +330,12 @@ impl Metrics {
             live: conn::Registry::new(),
             render: Mutex::new(()),
         };
-        for route in routes.all() {
-            let name = route.name.as_str();
-            m.connections_active.with_label_values(&[name]);
-            m.connection_duration.with_label_values(&[name]);
-            m.heartbeats_sent.with_label_values(&[name]);
-            m.client_heartbeats_dropped.with_label_values(&[name]);
-            m.client_silence.with_label_values(&[name]);
-            m.upstream_connect.with_label_values(&[name]);
-            m.http_requests.with_label_values(&[name, "101"]);
-            m.http_request_duration.with_label_values(&[name]);
-            m.upstream_retries.with_label_values(&[name]);
-            for outcome in Outcome::ALL {
-                m.connections_total
-                    .with_label_values(&[name, outcome.as_str()]);
-            }
-            for leg in Leg::BOTH.map(Leg::as_str) {
-                m.pings_sent.with_label_values(&[name, leg]);
-                m.pongs_received.with_label_values(&[name, leg]);
-                m.pong_rtt.with_label_values(&[name, leg]);
-                m.liveness_timeouts.with_label_values(&[name, leg]);
-            }
-            for direction in DIRECTIONS {
-                m.bytes.with_label_values(&[name, direction]);
-                for kind in KINDS {
-                    m.messages.with_label_values(&[name, direction, kind]);
-                }
-            }
-            for reason in HANDSHAKE_REJECT_REASONS {
-                m.handshakes_rejected.with_label_values(&[name, reason]);
-            }
-            for reason in UPSTREAM_ERROR_REASONS {
-                m.upstream_errors.with_label_values(&[name, reason]);
-            }
+        m.add_routes(routes);
+        for result in ["success", "failure"] {
+            m.config_reloads.with_label_values(&[result]);
         }
+        // The start is a successful load.
+        m.config_loaded(true);
         for leg in Leg::BOTH.map(Leg::as_str) {
             m.tls_handshake_errors.with_label_values(&[leg]);
             for code in [1000u16, 1001, 1006, 1011] {
@@ -339,6 +344,76 @@ impl Metrics {
             }
         }
         Arc::new(m)
+    }
+
+    /// Creates the series of `routes` (at start-up, and for the routes a reload adds), so
+    /// a route's families are exported before its first connection.
+    pub fn add_routes(&self, routes: &Routes) {
+        for route in routes.all() {
+            let name = route.name.as_str();
+            self.connections_active.with_label_values(&[name]);
+            self.connection_duration.with_label_values(&[name]);
+            self.heartbeats_sent.with_label_values(&[name]);
+            self.client_heartbeats_dropped.with_label_values(&[name]);
+            self.client_silence.with_label_values(&[name]);
+            self.upstream_connect.with_label_values(&[name]);
+            self.http_requests.with_label_values(&[name, "101"]);
+            self.http_request_duration.with_label_values(&[name]);
+            self.upstream_retries.with_label_values(&[name]);
+            for outcome in Outcome::ALL {
+                self.connections_total
+                    .with_label_values(&[name, outcome.as_str()]);
+            }
+            for leg in Leg::BOTH.map(Leg::as_str) {
+                self.pings_sent.with_label_values(&[name, leg]);
+                self.pongs_received.with_label_values(&[name, leg]);
+                self.pong_rtt.with_label_values(&[name, leg]);
+                self.liveness_timeouts.with_label_values(&[name, leg]);
+            }
+            for direction in DIRECTIONS {
+                self.bytes.with_label_values(&[name, direction]);
+                for kind in KINDS {
+                    self.messages.with_label_values(&[name, direction, kind]);
+                }
+            }
+            for reason in HANDSHAKE_REJECT_REASONS {
+                self.handshakes_rejected.with_label_values(&[name, reason]);
+            }
+            for reason in UPSTREAM_ERROR_REASONS {
+                self.upstream_errors.with_label_values(&[name, reason]);
+            }
+        }
+    }
+
+    /// Records a load of the configuration: the start (`true`, not counted as a reload)
+    /// or a reload's result ([`Metrics::reloaded`]).
+    fn config_loaded(&self, ok: bool) {
+        self.config_last_reload_successful.set(i64::from(ok));
+        if ok {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            self.config_last_reload_success_timestamp.set(now);
+        }
+    }
+
+    /// Counts a reload and its result.
+    pub fn reloaded(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.config_reloads.with_label_values(&[result]).inc();
+        self.config_loaded(ok);
+    }
+
+    /// `metrics.per_connection` of a reloaded configuration. Turned off, the series go
+    /// at once.
+    pub fn set_per_connection(&self, on: bool) {
+        let _rendering = self.render.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.per_connection.swap(on, Ordering::Relaxed) || on {
+            return;
+        }
+        self.connection_last_seen.reset();
+        self.connection_pong_rtt.reset();
     }
 
     /// The handles one connection updates, resolved once for its route.
@@ -407,7 +482,7 @@ impl Metrics {
     /// The Prometheus text exposition of every family.
     pub fn render(&self) -> Vec<u8> {
         let _rendering = self.render.lock().unwrap_or_else(|e| e.into_inner());
-        if self.per_connection {
+        if self.per_connection.load(Ordering::Relaxed) {
             self.refresh_per_connection();
         }
         let mut out = Vec::new();

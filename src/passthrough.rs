@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::error::Error as _;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::PoisonError;
+use std::sync::{Arc, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,7 +24,7 @@ use self::retry::{
     failed_on_stale_connection, may_retry, returned_unsent, unless_lost, ClientBody, Lost,
 };
 
-use crate::config::{Route, Routes};
+use crate::config::{Route, Routes, UpstreamConfig};
 use crate::forwarding::{add_forwarding, append_via, copy_end_to_end, ClientInfo};
 use crate::tls::{LegStream, UpstreamTls};
 
@@ -33,11 +33,13 @@ const MAX_IDLE_PER_UPSTREAM: usize = 256;
 
 /// One pooled HTTP client per route (each route has its own upstream and timeouts).
 pub struct Passthrough {
-    clients: HashMap<String, RouteClient>,
+    clients: HashMap<String, Arc<RouteClient>>,
 }
 
 /// The clients of one route.
 struct RouteClient {
+    /// What they were made for: a reload keeps them while this is unchanged.
+    upstream: UpstreamConfig,
     /// Pooled: keep-alive connections, idle at most `upstream.pool_idle_timeout`.
     pooled: Client<UpstreamConnector, ClientBody>,
     /// Not pooled: every request on a new connection. Retries go here, because the
@@ -136,32 +138,38 @@ impl Passthrough {
         tls: &HashMap<String, UpstreamTls>,
         retries: &IntCounterVec,
     ) -> Self {
+        Passthrough::reusing(None, routes, tls, retries)
+    }
+
+    /// The clients of a reloaded configuration. A route whose `ws://` upstream did not
+    /// change keeps its pool (and its idle connections); the others get new ones.
+    /// Requests in flight finish on the client they started on, which lives as long as
+    /// they do. A `wss://` upstream always gets a new client: its connector is the new
+    /// configuration's, whose CA is watched.
+    pub fn renewed(
+        &self,
+        routes: &Routes,
+        tls: &HashMap<String, UpstreamTls>,
+        retries: &IntCounterVec,
+    ) -> Self {
+        Passthrough::reusing(Some(self), routes, tls, retries)
+    }
+
+    fn reusing(
+        old: Option<&Passthrough>,
+        routes: &Routes,
+        tls: &HashMap<String, UpstreamTls>,
+        retries: &IntCounterVec,
+    ) -> Self {
         let clients = routes
             .all()
             .map(|route| {
-                let connector = UpstreamConnector {
-                    host: route.upstream.url.host.clone(),
-                    port: route.upstream.url.port,
-                    connect_timeout: route.upstream.connect_timeout.0,
-                    tls: tls.get(&route.name).cloned(),
-                };
-                let pooled = Client::builder(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .pool_timer(TokioTimer::new())
-                    .pool_idle_timeout(route.upstream.pool_idle_timeout.0)
-                    .pool_max_idle_per_host(MAX_IDLE_PER_UPSTREAM)
-                    // A request the pool returns unsent is sent again here, on a new
-                    // connection (`RouteClient::send`), not on another pooled one.
-                    .retry_canceled_requests(false)
-                    .build(connector.clone());
-                let fresh = Client::builder(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .pool_max_idle_per_host(0)
-                    .build(connector);
-                let client = RouteClient {
-                    pooled,
-                    fresh,
-                    retries: retries.with_label_values(&[&route.name]),
+                let kept = old
+                    .and_then(|old| old.clients.get(&route.name))
+                    .filter(|c| c.upstream == route.upstream && !route.upstream.url.secure);
+                let client = match kept {
+                    Some(client) => client.clone(),
+                    None => Arc::new(RouteClient::new(route, tls, retries)),
                 };
                 (route.name.clone(), client)
             })
@@ -184,7 +192,13 @@ impl Passthrough {
             "http"
         };
         let upstream = format!("{scheme}://{}", route.upstream.url.authority());
-        let client = &self.clients[&route.name];
+        // Routes and clients come from one configuration: every route has its client.
+        let Some(client) = self.clients.get(&route.name) else {
+            return Err(ForwardError::Http {
+                upstream,
+                reason: format!("no client for route `{}`", route.name),
+            });
+        };
         let exchange = client.send(upstream_request(req, info, &upstream), route, &upstream);
         let response = match tokio::time::timeout(route.upstream.request_timeout.0, exchange).await
         {
@@ -201,6 +215,34 @@ impl Passthrough {
 }
 
 impl RouteClient {
+    fn new(route: &Route, tls: &HashMap<String, UpstreamTls>, retries: &IntCounterVec) -> Self {
+        let connector = UpstreamConnector {
+            host: route.upstream.url.host.clone(),
+            port: route.upstream.url.port,
+            connect_timeout: route.upstream.connect_timeout.0,
+            tls: tls.get(&route.name).cloned(),
+        };
+        let pooled = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(route.upstream.pool_idle_timeout.0)
+            .pool_max_idle_per_host(MAX_IDLE_PER_UPSTREAM)
+            // A request the pool returns unsent is sent again here, on a new connection
+            // (`RouteClient::send`), not on another pooled one.
+            .retry_canceled_requests(false)
+            .build(connector.clone());
+        let fresh = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_max_idle_per_host(0)
+            .build(connector);
+        RouteClient {
+            upstream: route.upstream.clone(),
+            pooled,
+            fresh,
+            retries: retries.with_label_values(&[&route.name]),
+        }
+    }
+
     /// One request through the pool, and once more on a new connection if the pooled one
     /// turned out stale and the request may be repeated, or if the pool gave it back
     /// unsent.

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -57,20 +58,30 @@ const MAX_REFUSAL_BODY: usize = 64 * 1024;
 /// the loop does not spin while the condition lasts.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Everything the public listener shares between connections.
-pub struct Proxy {
+/// What one configuration is made into: the unit a reload swaps, whole. A client
+/// connection takes the one in use when it is accepted (its TLS acceptor, handshake
+/// timeout), each request the one in use when it arrives; a WebSocket keeps its
+/// request's for its whole life.
+pub struct Runtime {
     pub config: Arc<Config>,
     routes: Routes,
+    /// The listener's acceptor and the `wss://` upstreams' connectors.
     tls: tls::Setup,
-    metrics: Arc<Metrics>,
     /// Pooled clients for plain HTTP requests.
     passthrough: Passthrough,
+}
+
+/// Everything the public listener shares between connections.
+pub struct Proxy {
+    /// The configuration in use, swapped whole by [`Proxy::reconfigure`].
+    runtime: ArcSwap<Runtime>,
+    metrics: Arc<Metrics>,
     /// One permit per proxied WebSocket: `limits.max_connections`.
-    connections: Arc<Semaphore>,
+    connections: Capacity,
     /// WebSockets per client address: `limits.max_connections_per_ip`.
     per_ip: Arc<PerIpLimit>,
     /// One permit per accepted client TCP connection: `limits.max_tcp_connections`.
-    tcp_slots: Arc<Semaphore>,
+    tcp_slots: Capacity,
     shutdown: CancellationToken,
     /// When each WebSocket's close goes out in a drain (`shutdown.close_spread`).
     close_spread: Arc<CloseSpread>,
@@ -86,21 +97,21 @@ impl Proxy {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Self {
-        Proxy {
-            routes: config.routes(),
-            passthrough: Passthrough::new(
-                &config.routes(),
-                &tls.upstreams,
-                &metrics.upstream_retries,
-            ),
-            metrics,
+        let routes = config.routes();
+        let runtime = Runtime {
+            passthrough: Passthrough::new(&routes, &tls.upstreams, &metrics.upstream_retries),
+            routes,
             tls,
-            connections: Arc::new(Semaphore::new(config.limits.max_connections)),
-            per_ip: Arc::new(PerIpLimit::new(config.limits.max_connections_per_ip)),
-            tcp_slots: Arc::new(Semaphore::new(tcp_connection_cap(
-                config.limits.max_tcp_connections,
-            ))),
             config,
+        };
+        Proxy {
+            connections: Capacity::new(runtime.config.limits.max_connections),
+            per_ip: Arc::new(PerIpLimit::default()),
+            tcp_slots: Capacity::new(tcp_connection_cap(
+                runtime.config.limits.max_tcp_connections,
+            )),
+            runtime: ArcSwap::from_pointee(runtime),
+            metrics,
             shutdown,
             close_spread: Arc::new(CloseSpread::default()),
             tracker,
@@ -113,9 +124,43 @@ impl Proxy {
     pub fn spread_closes(&self, now: tokio::time::Instant) {
         self.close_spread.begin(
             now,
-            self.config.shutdown.close_spread.0,
+            self.runtime().config.shutdown.close_spread.0,
             self.metrics.connections().len(),
         );
+    }
+
+    /// The configuration in use.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// Puts a new configuration in use, in one step: the connections and requests that
+    /// start from here on get it; those under way keep what they started with. `tls` is
+    /// what `tls::Setup::load` made of `config`. A route whose `ws://` upstream did not
+    /// change keeps its plain-HTTP pool. Settings that need a restart (`listen`,
+    /// `admin.listen`, `proxy_protocol`) must have been refused before.
+    pub fn reconfigure(&self, config: Arc<Config>, tls: tls::Setup) {
+        let old = self.runtime.load_full();
+        let routes = config.routes();
+        self.metrics.add_routes(&routes);
+        self.metrics
+            .set_per_connection(config.metrics.per_connection);
+        let runtime = Runtime {
+            passthrough: old.passthrough.renewed(
+                &routes,
+                &tls.upstreams,
+                &self.metrics.upstream_retries,
+            ),
+            routes,
+            tls,
+            config,
+        };
+        self.connections
+            .resize(runtime.config.limits.max_connections);
+        self.tcp_slots.resize(tcp_connection_cap(
+            runtime.config.limits.max_tcp_connections,
+        ));
+        self.runtime.store(Arc::new(runtime));
     }
 
     /// Accepts connections until the shutdown token fires.
@@ -125,7 +170,7 @@ impl Proxy {
             // new ones wait in the kernel's backlog, never accepted and reset.
             let slot = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                slot = self.tcp_slots.clone().acquire_owned() => match slot {
+                slot = self.tcp_slots.permits.clone().acquire_owned() => match slot {
                     Ok(permit) => TcpSlot::new(permit, &self.metrics),
                     Err(_) => return, // the semaphore is never closed
                 },
@@ -156,8 +201,8 @@ impl Proxy {
         &self,
         stream: &mut TcpStream,
         peer: SocketAddr,
+        deadline: Duration,
     ) -> Option<SocketAddr> {
-        let deadline = self.config.limits.handshake_timeout.0;
         match proxy_protocol::read_header(stream, deadline).await {
             Ok(proxy_protocol::Header::Proxied { source, .. }) => Some(source),
             Ok(proxy_protocol::Header::Local) => Some(peer),
@@ -178,17 +223,27 @@ impl Proxy {
         slot: Arc<TcpSlot>,
     ) {
         let _ = stream.set_nodelay(true);
-        let addr = if self.config.proxy_protocol {
-            match self.read_proxy_header(&mut stream, addr).await {
+        // The configuration in use when the connection came: its TLS certificate and
+        // timeouts. Each request takes the one in use when it arrives.
+        let runtime = self.runtime.load_full();
+        let handshake_timeout = runtime.config.limits.handshake_timeout.0;
+        let addr = if runtime.config.proxy_protocol {
+            match self
+                .read_proxy_header(&mut stream, addr, handshake_timeout)
+                .await
+            {
                 Some(client) => client,
                 None => return,
             }
         } else {
             addr
         };
-        let stream = match &self.tls.acceptor {
+        let stream = match &runtime.tls.acceptor {
             None => LegStream::Plain(stream),
-            Some(acceptor) => match self.accept_tls(acceptor, stream, addr).await {
+            Some(acceptor) => match self
+                .accept_tls(acceptor, stream, addr, handshake_timeout)
+                .await
+            {
                 Some(tls) => tls,
                 None => return,
             },
@@ -203,20 +258,23 @@ impl Proxy {
                 // The WebSocket's task takes a clone: the slot is freed when both are done.
                 req.extensions_mut().insert(slot.clone());
                 // Per request: behind a trusted proxy, each request names its own client.
-                let info = ClientInfo::new(addr, tls, req.headers(), &proxy.config.trusted_proxies);
-                let handled = proxy.clone().handle(req, info);
+                let runtime = proxy.runtime.load_full();
+                let info =
+                    ClientInfo::new(addr, tls, req.headers(), &runtime.config.trusted_proxies);
+                let handled = proxy.clone().handle(req, info, runtime);
                 async move {
                     let response = handled.await?;
                     Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight).boxed()))
                 }
             }
         });
-        let limits = &self.config.limits;
+        let idle_timeout = runtime.config.limits.http_idle_timeout.0;
+        drop(runtime);
         let conn = http1::Builder::new()
             // The idle and head clocks are wsbeat's (see `idle`); hyper's own header
             // timeout, which starts when a connection goes idle, is only a backstop.
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.http_idle_timeout.0 + limits.handshake_timeout.0)
+            .header_read_timeout(idle_timeout + handshake_timeout)
             // max_buf_size only bounds the read buffer, and one read may take a whole
             // larger head: max_header_size is what turns a long head into a 431.
             .max_buf_size(MAX_REQUEST_HEAD)
@@ -224,7 +282,7 @@ impl Proxy {
             .serve_connection(TokioIo::new(clock.watch(stream)), service)
             .with_upgrades();
         tokio::pin!(conn);
-        let expired = clock.expired(limits.http_idle_timeout.0, limits.handshake_timeout.0);
+        let expired = clock.expired(idle_timeout, handshake_timeout);
         tokio::pin!(expired);
         let result = tokio::select! {
             r = conn.as_mut() => r,
@@ -250,6 +308,7 @@ impl Proxy {
         acceptor: &tokio_rustls::TlsAcceptor,
         stream: TcpStream,
         addr: SocketAddr,
+        deadline: Duration,
     ) -> Option<LegStream> {
         let handshake = async {
             if stream.peek(&mut [0u8; 1]).await? == 0 {
@@ -257,7 +316,6 @@ impl Proxy {
             }
             acceptor.accept(stream).await.map(Some)
         };
-        let deadline = self.config.limits.handshake_timeout.0;
         // A shutdown does not wait for handshakes: nothing has been proxied yet.
         let result = tokio::select! {
             r = tokio::time::timeout(deadline, handshake) => r,
@@ -281,6 +339,7 @@ impl Proxy {
         self: Arc<Self>,
         mut req: Request<Incoming>,
         info: ClientInfo,
+        runtime: Arc<Runtime>,
     ) -> Result<Response<Body>, Infallible> {
         let target = canonical_target(&req);
         // A refused target is counted on the route its raw path names.
@@ -288,11 +347,13 @@ impl Proxy {
             Ok(uri) => uri.path(),
             Err(_) => req.uri().path(),
         };
-        let route = self.routes.resolve(path).clone();
+        let route = runtime.routes.resolve(path).clone();
         let response = match target {
             Ok(uri) => {
                 *req.uri_mut() = uri;
-                self.clone().respond(req, info, route.clone()).await
+                self.clone()
+                    .respond(req, info, route.clone(), &runtime)
+                    .await
             }
             Err((reason, message)) => {
                 tracing::debug!(client = %info.client, target = %req.uri(), reason = %message, "request target refused");
@@ -314,13 +375,14 @@ impl Proxy {
         req: Request<Incoming>,
         info: ClientInfo,
         route: Arc<Route>,
+        runtime: &Arc<Runtime>,
     ) -> Response<Body> {
-        if self.config.client_script.as_deref() == Some(req.uri().path()) {
+        if runtime.config.client_script.as_deref() == Some(req.uri().path()) {
             return crate::client_script::respond(req.method(), req.headers())
                 .map(|body| body.map_err(|never| match never {}).boxed());
         }
         if !is_upgrade_request(req.headers()) {
-            return self.forward_http(req, info, &route).await;
+            return self.forward_http(req, info, &route, runtime).await;
         }
         if let Err(rejection) = check_handshake(&req) {
             self.count_rejection(&route, "bad_request");
@@ -338,7 +400,10 @@ impl Proxy {
                 "wsbeat: this Origin may not open WebSockets here",
             );
         }
-        let per_ip = match self.per_ip.admit(info.client.ip) {
+        let per_ip = match self
+            .per_ip
+            .admit(info.client.ip, runtime.config.limits.max_connections_per_ip)
+        {
             Ok(slot) => slot,
             Err(()) => {
                 tracing::info!(client = %info.client, "max_connections_per_ip reached: refusing a WebSocket");
@@ -354,7 +419,7 @@ impl Proxy {
                 return r;
             }
         };
-        let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+        let Ok(permit) = self.connections.permits.clone().try_acquire_owned() else {
             tracing::warn!(client = %info.client, "max_connections reached: refusing a WebSocket");
             self.count_rejection(&route, "max_connections");
             return text(
@@ -366,7 +431,8 @@ impl Proxy {
             _connection: permit,
             _per_ip: per_ip,
         };
-        self.proxy_websocket(req, info, route, admission).await
+        self.proxy_websocket(req, info, route, admission, runtime.clone())
+            .await
     }
 
     /// Counts a WebSocket upgrade refused before the upstream was dialled.
@@ -383,6 +449,7 @@ impl Proxy {
         req: Request<Incoming>,
         info: ClientInfo,
         route: &Route,
+        runtime: &Runtime,
     ) -> Response<Body> {
         if let Some(refusal) = crate::passthrough::refuse_method(req.method()) {
             let mut r = text(StatusCode::METHOD_NOT_ALLOWED, refusal.message);
@@ -391,7 +458,7 @@ impl Proxy {
             return r;
         }
         let started = tokio::time::Instant::now();
-        let response = match self.passthrough.forward(req, info, route).await {
+        let response = match runtime.passthrough.forward(req, info, route).await {
             Ok(response) => response.map(|body| body.boxed()),
             Err(e) => {
                 let (status, reason) = e.status_and_reason();
@@ -416,6 +483,7 @@ impl Proxy {
         info: ClientInfo,
         route: Arc<Route>,
         permit: Admission,
+        runtime: Arc<Runtime>,
     ) -> Response<Body> {
         // check_handshake has validated the key: derive the answer before dialing.
         let accept = req
@@ -425,7 +493,7 @@ impl Proxy {
             .and_then(|accept| HeaderValue::from_str(&accept).ok());
         let client_upgrade = hyper::upgrade::on(&mut req);
         let (parts, _body) = req.into_parts();
-        let upstream_tls = self.tls.upstreams.get(&route.name);
+        let upstream_tls = runtime.tls.upstreams.get(&route.name);
         let dialed = upstream::dial(&route.upstream, upstream_tls, &parts, info).await;
         let errors = |reason: &str| {
             self.metrics
@@ -481,6 +549,15 @@ impl Proxy {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let proxy = self.clone();
         let tcp_slot = parts.extensions.get::<Arc<TcpSlot>>().cloned();
+        // The settings this WebSocket keeps for its life, whatever a reload changes (the
+        // route holds its heartbeat and liveness settings).
+        let limits = &runtime.config.limits;
+        let (max_message_size, write_timeout) = (limits.max_message_size.0, limits.write_timeout.0);
+        let drain_grace = relay::drain_grace(runtime.config.shutdown.drain_timeout.0);
+        let max_age = limits
+            .max_connection_age
+            .map(|age| relay::jittered_age(age.0, jitter_seed(id)));
+        drop(runtime);
         self.tracker.spawn(async move {
             let _permit = permit;
             let _tcp_slot = tcp_slot;
@@ -511,16 +588,12 @@ impl Proxy {
                 metrics: proxy.metrics.for_route(&route.name),
                 view: view.clone(),
                 route: route.clone(),
-                max_message_size: proxy.config.limits.max_message_size.0,
-                write_timeout: proxy.config.limits.write_timeout.0,
+                max_message_size,
+                write_timeout,
                 shutdown: proxy.shutdown.clone(),
-                drain_grace: relay::drain_grace(proxy.config.shutdown.drain_timeout.0),
+                drain_grace,
                 close_spread: proxy.close_spread.clone(),
-                max_age: proxy
-                    .config
-                    .limits
-                    .max_connection_age
-                    .map(|age| relay::jittered_age(age.0, jitter_seed(id))),
+                max_age,
                 started,
             };
             let summary = relay::run(client, *upstream_socket, ctx).await;
@@ -649,23 +722,22 @@ struct Admission {
 
 /// `limits.max_connections_per_ip`: live WebSockets per client address, IPv6 clients
 /// grouped by their /64 (one host's addresses are one network's).
+/// The limit is the configuration's in use when a WebSocket asks (a reload may change
+/// it); the counts are of every live WebSocket, whatever configuration admitted it.
+#[derive(Default)]
 struct PerIpLimit {
-    max: Option<usize>,
     live: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
 }
 
 impl PerIpLimit {
-    fn new(max: Option<usize>) -> Self {
-        PerIpLimit {
-            max,
-            live: Default::default(),
-        }
-    }
-
-    /// A place for one more WebSocket from `ip`, or `Err` at the limit. `Ok(None)` when
-    /// there is no limit.
-    fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Result<Option<PerIpSlot>, ()> {
-        let Some(max) = self.max else {
+    /// A place for one more WebSocket from `ip` under `max`, or `Err` at the limit.
+    /// `Ok(None)` when there is no limit.
+    fn admit(
+        self: &Arc<Self>,
+        ip: std::net::IpAddr,
+        max: Option<usize>,
+    ) -> Result<Option<PerIpSlot>, ()> {
+        let Some(max) = max else {
             return Ok(None);
         };
         let key = per_ip_key(ip);
@@ -707,6 +779,51 @@ impl Drop for PerIpSlot {
                 live.remove(&self.key);
             }
         }
+    }
+}
+
+/// Places that a reload can resize (`max_connections`, `max_tcp_connections`): a
+/// semaphore given permits when the limit grows. When it shrinks, the surplus is taken
+/// away as it comes free: until enough connections have closed, no new one gets a place,
+/// and nothing already admitted is closed.
+struct Capacity {
+    permits: Arc<Semaphore>,
+    size: std::sync::Mutex<usize>,
+}
+
+impl Capacity {
+    fn new(size: usize) -> Self {
+        Capacity {
+            permits: Arc::new(Semaphore::new(size)),
+            size: std::sync::Mutex::new(size),
+        }
+    }
+
+    /// Makes the limit `to`. Shrinking needs a tokio runtime: the surplus is waited for
+    /// by a task (without one, the limit stays as it was).
+    fn resize(&self, to: usize) {
+        let mut size = self.size.lock().unwrap_or_else(|e| e.into_inner());
+        if to > *size {
+            self.permits.add_permits(to - *size);
+        } else if to < *size {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                tracing::warn!("no runtime to lower a connection limit: kept at {size}");
+                return;
+            };
+            let permits = self.permits.clone();
+            let mut surplus = *size - to;
+            runtime.spawn(async move {
+                while surplus > 0 {
+                    let n = u32::try_from(surplus).unwrap_or(u32::MAX);
+                    match permits.acquire_many(n).await {
+                        Ok(taken) => taken.forget(),
+                        Err(_) => return, // the semaphore is never closed
+                    }
+                    surplus -= n as usize;
+                }
+            });
+        }
+        *size = to;
     }
 }
 
@@ -782,20 +899,50 @@ mod tests {
         assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
         assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
         assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
-        let limit = std::sync::Arc::new(super::PerIpLimit::new(Some(2)));
+        let limit = std::sync::Arc::new(super::PerIpLimit::default());
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
-        let a = limit.admit(ip).unwrap();
-        let b = limit.admit(ip).unwrap();
-        assert!(limit.admit(ip).is_err());
-        assert!(limit.admit("192.0.2.8".parse().unwrap()).unwrap().is_some());
+        let a = limit.admit(ip, Some(2)).unwrap();
+        let b = limit.admit(ip, Some(2)).unwrap();
+        assert!(limit.admit(ip, Some(2)).is_err());
+        assert!(limit
+            .admit("192.0.2.8".parse().unwrap(), Some(2))
+            .unwrap()
+            .is_some());
         drop(a);
         assert!(
-            limit.admit(ip).is_ok(),
+            limit.admit(ip, Some(2)).is_ok(),
             "a closed WebSocket gives its place back"
         );
         drop(b);
-        let unlimited = std::sync::Arc::new(super::PerIpLimit::new(None));
-        assert!(unlimited.admit(ip).unwrap().is_none());
+        assert!(limit.admit(ip, None).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_lowered_capacity_closes_nothing_and_admits_again_below_the_new_limit() {
+        let capacity = super::Capacity::new(3);
+        let held: Vec<_> = (0..3)
+            .map(|_| capacity.permits.clone().try_acquire_owned().unwrap())
+            .collect();
+        capacity.resize(1);
+        let mut held = held.into_iter();
+        drop(held.next());
+        drop(held.next());
+        // Two came back, both taken by the lower limit: one still in use, at the limit.
+        let taken = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while capacity.permits.available_permits() > 0 {
+                tokio::task::yield_now().await;
+            }
+        });
+        taken.await.unwrap();
+        assert!(capacity.permits.clone().try_acquire_owned().is_err());
+        drop(held.next());
+        let one = capacity.permits.clone().try_acquire_owned().unwrap();
+        assert!(capacity.permits.clone().try_acquire_owned().is_err());
+        capacity.resize(2);
+        let two = capacity.permits.clone().try_acquire_owned().unwrap();
+        assert!(capacity.permits.clone().try_acquire_owned().is_err());
+        drop((one, two));
+        assert_eq!(capacity.permits.available_permits(), 2);
     }
 
     #[test]

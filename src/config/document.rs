@@ -31,6 +31,8 @@ pub struct Config {
     /// that is not itself trusted. From any other peer, wsbeat sets them from what it saw.
     /// `X-Forwarded-For` is always appended to. Empty (the default): nobody is trusted.
     pub trusted_proxies: Vec<Cidr>,
+    /// How changes of this file are noticed (SIGHUP always reloads).
+    pub reload: ReloadConfig,
     /// Terminate TLS on the public listener. Absent: plain TCP.
     pub tls: Option<TlsConfig>,
     /// The admin listener (`/metrics`, `/livez`, `/readyz`, `/connections`).
@@ -66,6 +68,7 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             proxy_protocol: false,
             trusted_proxies: Vec::new(),
+            reload: ReloadConfig::default(),
             tls: None,
             admin: AdminConfig::default(),
             upstream: UpstreamConfig::default(),
@@ -77,6 +80,25 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             shutdown: ShutdownConfig::default(),
             metrics: MetricsConfig::default(),
+        }
+    }
+}
+
+/// Reloading the configuration file (SIGHUP reloads it whatever this says).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReloadConfig {
+    /// How often the config file is looked at (its resolved path and its content, so a
+    /// Kubernetes ConfigMap's `..data` symlink swap is seen); a change reloads it. `null`:
+    /// only SIGHUP reloads. The certificate files are watched on their own, about once a
+    /// second, whatever this says.
+    pub watch: Option<HumanDuration>,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            watch: Some(HumanDuration::secs(2)),
         }
     }
 }

@@ -318,3 +318,25 @@ fn max_connection_age_is_off_by_default_and_longer_than_zero() {
         .to_string();
     assert!(e.contains("limits.max_connection_age"), "{e}");
 }
+
+#[test]
+fn reload_watch_defaults_to_2s_and_null_turns_it_off() {
+    assert_eq!(
+        parse("").unwrap().reload.watch,
+        Some(HumanDuration::secs(2))
+    );
+    assert_eq!(
+        parse("reload: { watch: null }\n").unwrap().reload.watch,
+        None
+    );
+    assert_eq!(
+        parse("reload: { watch: 500ms }\n").unwrap().reload.watch,
+        Some(HumanDuration::millis(500))
+    );
+    for yaml in ["reload: { watch: 0s }\n", "reload: { watch: 10ms }\n"] {
+        let e = parse(yaml).unwrap_err().to_string();
+        assert!(e.contains("reload.watch"), "{e}");
+    }
+    let e = parse("reload: { interval: 1s }\n").unwrap_err().to_string();
+    assert!(e.contains("interval"), "{e}");
+}

@@ -9,6 +9,9 @@ use super::{
     invalid, Config, ConfigError, HeartbeatSettings, LivenessConfig, UpstreamConfig, DEFAULT_ROUTE,
 };
 
+/// The shortest `reload.watch`: each look reads the whole file.
+const MIN_RELOAD_WATCH: Duration = Duration::from_millis(100);
+
 impl Config {
     /// Checks what serde cannot: ranges, relations between keys, route paths. Pure: it
     /// reads no file (the certificate files are loaded by `tls::Setup::load`, a step of
@@ -91,6 +94,12 @@ impl Config {
                     "({}) must be at most shutdown.drain_timeout ({}): connections whose close comes after the drain ends would be cut without one",
                     self.shutdown.close_spread, self.shutdown.drain_timeout
                 ),
+            ));
+        }
+        if self.reload.watch.is_some_and(|d| d.0 < MIN_RELOAD_WATCH) {
+            return Err(invalid(
+                "reload.watch",
+                "must be at least 100ms, or null (reload on SIGHUP only)",
             ));
         }
         // Port 0 asks for any free port: two such listeners never share one.

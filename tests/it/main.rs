@@ -27,6 +27,7 @@ mod paths;
 mod proxy_protocol;
 mod rebalance;
 mod relay;
+mod reload;
 mod structure;
 mod tls;
 mod trust;

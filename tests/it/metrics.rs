@@ -60,6 +60,12 @@ const FAMILIES: &[(&str, &str)] = &[
     ("wsbeat_proxy_protocol_errors_total", "counter"),
     ("wsbeat_handshakes_rejected_total", "counter"),
     ("wsbeat_tls_handshake_errors_total", "counter"),
+    ("wsbeat_config_reloads_total", "counter"),
+    ("wsbeat_config_last_reload_successful", "gauge"),
+    (
+        "wsbeat_config_last_reload_success_timestamp_seconds",
+        "gauge",
+    ),
 ];
 const LAST_SEEN: &str = "wsbeat_connection_last_seen_seconds";
 const PONG_RTT: &str = "wsbeat_connection_pong_rtt_seconds";

@@ -35,21 +35,21 @@ const RETRY: Duration = Duration::from_millis(50);
 // Certificates.
 
 /// A test certificate authority.
-struct Ca {
+pub(crate) struct Ca {
     issuer: Issuer<'static, KeyPair>,
     der: CertificateDer<'static>,
     pem: String,
 }
 
 /// A certificate and its key, as PEM and DER.
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
-    der: CertificateDer<'static>,
+pub(crate) struct Leaf {
+    pub(crate) cert_pem: String,
+    pub(crate) key_pem: String,
+    pub(crate) der: CertificateDer<'static>,
 }
 
 impl Ca {
-    fn new(name: &str) -> Ca {
+    pub(crate) fn new(name: &str) -> Ca {
         let mut params = CertificateParams::default();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, name);
@@ -68,7 +68,7 @@ impl Ca {
     }
 
     /// A server certificate for `names` (DNS names or IP addresses) with this serial.
-    fn leaf(&self, names: &[&str], serial: u64) -> Leaf {
+    pub(crate) fn leaf(&self, names: &[&str], serial: u64) -> Leaf {
         self.leaf_with(names, serial, |_| {})
     }
 
@@ -107,10 +107,10 @@ impl Ca {
 }
 
 /// A directory under the target directory, removed when dropped.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn new() -> TempDir {
+    pub(crate) fn new() -> TempDir {
         static N: AtomicUsize = AtomicUsize::new(0);
         let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
             "tls-{}-{}",
@@ -122,7 +122,7 @@ impl TempDir {
         TempDir(path)
     }
 
-    fn write(&self, name: &str, text: &str) -> PathBuf {
+    pub(crate) fn write(&self, name: &str, text: &str) -> PathBuf {
         let path = self.0.join(name);
         std::fs::write(&path, text).unwrap();
         path
@@ -147,7 +147,10 @@ impl Drop for TempDir {
 // Peers.
 
 /// Opens TLS to wsbeat as `localhost`, trusting `ca` only.
-async fn tls_connect(addr: SocketAddr, ca: &Ca) -> std::io::Result<client::TlsStream<TcpStream>> {
+pub(crate) async fn tls_connect(
+    addr: SocketAddr,
+    ca: &Ca,
+) -> std::io::Result<client::TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await?;
     let name = ServerName::try_from("localhost").unwrap();
     tokio::time::timeout(
@@ -159,12 +162,16 @@ async fn tls_connect(addr: SocketAddr, ca: &Ca) -> std::io::Result<client::TlsSt
 }
 
 /// The certificate the server presented.
-fn peer_cert(tls: &client::TlsStream<TcpStream>) -> CertificateDer<'static> {
+pub(crate) fn peer_cert(tls: &client::TlsStream<TcpStream>) -> CertificateDer<'static> {
     tls.get_ref().1.peer_certificates().unwrap()[0].clone()
 }
 
 /// A `wss://` client through wsbeat, trusting `ca` only; with the certificate it saw.
-async fn wss_connect(addr: SocketAddr, ca: &Ca, path: &str) -> (Client, CertificateDer<'static>) {
+pub(crate) async fn wss_connect(
+    addr: SocketAddr,
+    ca: &Ca,
+    path: &str,
+) -> (Client, CertificateDer<'static>) {
     let tls = tls_connect(addr, ca).await.expect("TLS handshake");
     let cert = peer_cert(&tls);
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));

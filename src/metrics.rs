@@ -96,6 +96,8 @@ pub struct Metrics {
     /// WebSocket upgrades refused before the upstream was dialled, by `route` and one of
     /// [`HANDSHAKE_REJECT_REASONS`].
     pub handshakes_rejected: IntCounterVec,
+    /// Proxied WebSockets open now with `permessage-deflate` negotiated end to end.
+    pub compressed_connections_active: IntGaugeVec,
     connection_last_seen: GaugeVec,
     connection_pong_rtt: GaugeVec,
     /// The live WebSockets, listed by `/connections` and the per-connection series.
@@ -285,6 +287,18 @@ impl Metrics {
                 "WebSocket upgrades refused before the upstream was dialled, by reason.",
                 &["route", "reason"],
             ),
+            compressed_connections_active: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "wsbeat_compressed_connections_active",
+                        "Proxied WebSockets open now with permessage-deflate negotiated end to end.",
+                    ),
+                    &["route"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("registered once");
+                g
+            },
             connection_last_seen: gauge(
                 "wsbeat_connection_last_seen_seconds",
                 "Seconds since the client's last frame, per connection (metrics.per_connection).",
@@ -300,6 +314,7 @@ impl Metrics {
         for route in routes.all() {
             let name = route.name.as_str();
             m.connections_active.with_label_values(&[name]);
+            m.compressed_connections_active.with_label_values(&[name]);
             m.connection_duration.with_label_values(&[name]);
             m.heartbeats_sent.with_label_values(&[name]);
             m.client_heartbeats_dropped.with_label_values(&[name]);
@@ -482,6 +497,7 @@ mod tests {
         let text = String::from_utf8(m.render()).unwrap();
         for family in [
             "wsbeat_connections_active",
+            "wsbeat_compressed_connections_active",
             "wsbeat_connections_total",
             "wsbeat_connection_duration_seconds",
             "wsbeat_pong_rtt_seconds",

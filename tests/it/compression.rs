@@ -299,23 +299,23 @@ async fn rsv1_where_rfc_7692_forbids_it_closes_the_client_with_1002() {
 }
 
 /// tests/python/deflate_backend.py in a process of its own.
-struct DeflateBackend {
+pub(crate) struct DeflateBackend {
     child: Child,
-    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
-    addr: SocketAddr,
+    /// Its report lines, read by a thread of their own (a pipe read blocks).
+    reports: mpsc::UnboundedReceiver<String>,
+    pub addr: SocketAddr,
 }
 
 impl DeflateBackend {
-    fn start(busy: bool) -> DeflateBackend {
+    /// Starts it with `flags` (`--busy`: it also sends a 1 KiB message every 20 ms;
+    /// `--quiet`: no reports) and waits until it listens.
+    pub fn start(flags: &[&str]) -> DeflateBackend {
         let script = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/python/deflate_backend.py"
         );
         let mut cmd = Command::new("python3");
-        cmd.args([script, "0"]);
-        if busy {
-            cmd.arg("--busy");
-        }
+        cmd.args([script, "0"]).args(flags);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -327,25 +327,27 @@ impl DeflateBackend {
             .strip_prefix("listening ")
             .and_then(|p| p.trim().parse().ok())
             .unwrap_or_else(|| panic!("deflate_backend.py did not start: {line:?}"));
+        let (tx, reports) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
         DeflateBackend {
             child,
-            lines,
+            reports,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
         }
     }
 
     /// The backend's report on the next connection that ended.
     async fn next_report(&mut self) -> Value {
-        let lines = &mut self.lines;
-        let line = tokio::time::timeout(
-            PATIENCE,
-            // Blocking read of a pipe: moved to a blocking thread and back.
-            async { tokio::task::block_in_place(|| lines.next()) },
-        )
-        .await
-        .expect("the backend reports in time")
-        .expect("the backend is running")
-        .unwrap();
+        let line = tokio::time::timeout(PATIENCE, self.reports.recv())
+            .await
+            .expect("the backend reports in time")
+            .expect("the backend is running");
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
     }
 }
@@ -384,7 +386,7 @@ async fn deflate_client(url: &str, mode: &str) -> String {
 #[ignore = "needs Python websockets: python3 -m pip install websockets"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_websockets_compressing_on_both_ends_through_wsbeat() {
-    let mut backend = DeflateBackend::start(false);
+    let mut backend = DeflateBackend::start(&[]);
     let proxy = Proxy::start(backend.addr, |c| c.heartbeat.interval = ms(200)).await;
     let out = deflate_client(&proxy.url("/"), "ok").await;
     assert!(out.starts_with("OK permessage-deflate"), "{out}");
@@ -408,7 +410,7 @@ async fn python_websockets_compressing_on_both_ends_through_wsbeat() {
 #[ignore = "needs Python websockets: python3 -m pip install websockets"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_keeping_its_window_gets_the_backends_own_close() {
-    let mut backend = DeflateBackend::start(false);
+    let mut backend = DeflateBackend::start(&[]);
     let proxy = Proxy::start(backend.addr, |c| c.heartbeat.interval = ms(200)).await;
     let out = deflate_client(&proxy.url("/"), "takeover").await;
     let report = backend.next_report().await;

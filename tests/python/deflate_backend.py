@@ -1,7 +1,8 @@
 """A backend that compresses: Python `websockets` with permessage-deflate (its default).
 
-Usage: deflate_backend.py PORT [--busy]   (PORT 0 picks a free port)
+Usage: deflate_backend.py PORT [--busy] [--quiet]   (PORT 0 picks a free port)
 Echoes every message, and with --busy also sends a 1 KiB JSON-like message every 20 ms.
+With --quiet nothing is printed after `listening PORT` (for runs nobody reads reports of).
 Prints `listening PORT` once it accepts connections, then one JSON object per line for
 each connection that ends:
   {"offer": "<Sec-WebSocket-Extensions it was offered>", "accepted": "<what it answered>",
@@ -24,7 +25,7 @@ def payload(n: int) -> str:
     return f'{{"seq":{n},"items":[{body}]}}'[:1024]
 
 
-async def serve_one(ws, busy: bool) -> None:
+async def serve_one(ws, busy: bool, quiet: bool) -> None:
     stats = {"messages": 0, "heartbeats": 0, "error": None}
 
     async def ticks() -> None:
@@ -51,6 +52,8 @@ async def serve_one(ws, busy: bool) -> None:
     finally:
         if ticker:
             ticker.cancel()
+    if quiet:
+        return
     close = lambda c: [c.code, c.reason] if c else None
     print(
         json.dumps(
@@ -68,9 +71,9 @@ async def serve_one(ws, busy: bool) -> None:
     )
 
 
-async def main(port: int, busy: bool) -> None:
+async def main(port: int, busy: bool, quiet: bool) -> None:
     async with websockets.serve(
-        lambda ws: serve_one(ws, busy), "127.0.0.1", port, ping_interval=None, max_size=None
+        lambda ws: serve_one(ws, busy, quiet), "127.0.0.1", port, ping_interval=None, max_size=None
     ) as server:
         bound = server.sockets[0].getsockname()[1]
         print(f"listening {bound}", flush=True)
@@ -78,4 +81,4 @@ async def main(port: int, busy: bool) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), "--busy" in sys.argv[2:]))
+    asyncio.run(main(int(sys.argv[1]), "--busy" in sys.argv[2:], "--quiet" in sys.argv[2:]))

@@ -11,6 +11,8 @@ permessage-deflate (its defaults) and the backend accepting it (its defaults:
 server_max_window_bits=12, memLevel 5), both compressing every message. Targets:
 
 - `direct`: the client talks to the backend;
+- `direct-nct`: the same, the client offering `client_no_context_takeover` itself (what
+  wsbeat adds to every offer): the baseline that isolates the cost of that parameter;
 - `wsbeat`: wsbeat with `compression: passthrough` (the default);
 - `wsbeat-off`: wsbeat with `compression: off` (both legs uncompressed);
 - `nginx-1`: nginx, one worker, which passes the extension through untouched.
@@ -45,7 +47,7 @@ sys.path.insert(0, str(BENCH))
 import run as harness  # noqa: E402  (bench/run.py: process, /proc and nginx helpers)
 
 HEARTBEAT = "--heartbeat--"
-TARGETS = ["direct", "wsbeat", "wsbeat-off", "nginx-1"]
+TARGETS = ["direct", "direct-nct", "wsbeat", "wsbeat-off", "nginx-1"]
 MESSAGE_BYTES = 1024
 # struct tcp_info (linux/tcp.h): tcpi_bytes_acked and tcpi_bytes_received, u64 each.
 TCPI_BYTES_ACKED = 120
@@ -95,15 +97,22 @@ async def echo_role(port: int) -> None:
         await asyncio.Future()
 
 
-def tcp_bytes(sock: socket.socket) -> int:
+def tcp_bytes(sock: socket.socket) -> tuple[int, int]:
+    """Bytes the socket sent (and had acknowledged) and received."""
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
     acked, received = struct.unpack_from("=QQ", info, TCPI_BYTES_ACKED)
     assert TCPI_BYTES_RECEIVED == TCPI_BYTES_ACKED + 8
-    return acked + received
+    return acked, received
 
 
-async def load_role(url: str, conns: int, secs: float) -> None:
+async def load_role(url: str, conns: int, secs: float, no_context_takeover: bool) -> None:
     import websockets
+    from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
+
+    # websockets' own default offer, plus client_no_context_takeover when asked.
+    offer = {"extensions": [ClientPerMessageDeflateFactory(
+        client_no_context_takeover=True, client_max_window_bits=True,
+        compress_settings={"memLevel": 5})], "compression": None} if no_context_takeover else {}
 
     phase = {"measuring": False, "stop": False}
     counts = [0] * conns
@@ -112,7 +121,7 @@ async def load_role(url: str, conns: int, secs: float) -> None:
 
     async def one(i: int) -> None:
         rng = random.Random(i)
-        async with websockets.connect(url, ping_interval=None, max_size=None) as ws:
+        async with websockets.connect(url, ping_interval=None, max_size=None, **offer) as ws:
             compressed.append(bool(ws.protocol.extensions))
             sockets.append(ws.transport.get_extra_info("socket"))
             seq = 0
@@ -133,19 +142,21 @@ async def load_role(url: str, conns: int, secs: float) -> None:
             if t.done() and t.exception():
                 raise t.exception()
     await asyncio.sleep(1.0)  # warm-up
-    before = sum(tcp_bytes(s) for s in sockets)
+    before = [tcp_bytes(s) for s in sockets]
     phase["measuring"] = True
     print("measuring", file=sys.stderr, flush=True)
     start = time.monotonic()
     await asyncio.sleep(secs)
     phase["measuring"] = False
     elapsed = time.monotonic() - start
-    after = sum(tcp_bytes(s) for s in sockets)
+    after = [tcp_bytes(s) for s in sockets]
     print("done", file=sys.stderr, flush=True)
     phase["stop"] = True
     await asyncio.gather(*tasks, return_exceptions=True)
     msgs = sum(counts)
-    print(json.dumps({"msgs": msgs, "secs": elapsed, "wire_bytes": after - before,
+    sent = sum(a[0] - b[0] for a, b in zip(after, before))
+    received = sum(a[1] - b[1] for a, b in zip(after, before))
+    print(json.dumps({"msgs": msgs, "secs": elapsed, "sent": sent, "received": received,
                       "compressed_conns": sum(compressed)}), flush=True)
 
 
@@ -183,7 +194,7 @@ def run_one(kids, target: str, wsbeat_bin: str, tmp: Path, rnd: int, conns: int,
     harness.wait_port(echo_port, echo)
     proxy = None
     try:
-        if target == "direct":
+        if target.startswith("direct"):
             port = echo_port
         else:
             proxy, port = start_proxy(kids, target, wsbeat_bin, echo_port, d)
@@ -191,7 +202,8 @@ def run_one(kids, target: str, wsbeat_bin: str, tmp: Path, rnd: int, conns: int,
             harness.wait_settled(proxy, harness.expected_procs(target))
         pids = harness.group_pids(proxy.pid) if proxy else []
         gen = kids.spawn([sys.executable, __file__, "--role", "load", f"ws://127.0.0.1:{port}/",
-                          "--conns", str(conns), "--secs", str(secs)],
+                          "--conns", str(conns), "--secs", str(secs)]
+                         + (["--no-context-takeover"] if target == "direct-nct" else []),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + secs + 60
         assert harness.read_line(gen.stderr, deadline) == "measuring"
@@ -206,7 +218,9 @@ def run_one(kids, target: str, wsbeat_bin: str, tmp: Path, rnd: int, conns: int,
         msgs = out["msgs"]
         return {
             "round": rnd, "target": target, "msgs": msgs, "secs": out["secs"],
-            "msgs_per_s": msgs / out["secs"], "wire_bytes_per_msg": out["wire_bytes"] / msgs,
+            "msgs_per_s": msgs / out["secs"],
+            "wire_bytes_per_msg": (out["sent"] + out["received"]) / msgs,
+            "sent_per_msg": out["sent"] / msgs, "received_per_msg": out["received"] / msgs,
             "compressed_conns": out["compressed_conns"],
             "proxy_cpu_s": proxy_cpu if proxy else None,
             "proxy_cpu_us_per_msg": proxy_cpu / msgs * 1e6 if proxy else None,
@@ -219,9 +233,9 @@ def run_one(kids, target: str, wsbeat_bin: str, tmp: Path, rnd: int, conns: int,
 
 
 def table(runs: list[dict], conns: int) -> str:
-    rows = ["| target | compressed conns | msgs/s | wire bytes/msg (client leg) | vs direct "
-            "| proxy CPU µs/msg | vs nginx-1 | other CPU s |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| target | compressed conns | msgs/s | wire bytes/msg (client leg) | sent / received "
+            "| vs direct | vs direct-nct | proxy CPU µs/msg | vs nginx-1 | other CPU s |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     med = {}
     for t in TARGETS:
         rs = [r for r in runs if r["target"] == t]
@@ -229,15 +243,20 @@ def table(runs: list[dict], conns: int) -> str:
             continue
         m = {k: statistics.median(r[k] for r in rs) if rs[0][k] is not None else None
              for k in ("msgs_per_s", "wire_bytes_per_msg", "proxy_cpu_us_per_msg", "other_cpu_s",
-                       "compressed_conns")}
+                       "compressed_conns", "sent_per_msg", "received_per_msg")}
         med[t] = m
+    def vs(m: dict, base: str) -> str:
+        if base not in med:
+            return "—"
+        return f"{m['wire_bytes_per_msg'] / med[base]['wire_bytes_per_msg']:.3f}×"
+
     for t, m in med.items():
-        vs_direct = m["wire_bytes_per_msg"] / med["direct"]["wire_bytes_per_msg"] if "direct" in med else None
         cpu = m["proxy_cpu_us_per_msg"]
         nginx = med.get("nginx-1", {}).get("proxy_cpu_us_per_msg")
         rows.append(
             f"| {t} | {m['compressed_conns']:.0f}/{conns} | {m['msgs_per_s']:,.0f} "
-            f"| {m['wire_bytes_per_msg']:,.0f} | {vs_direct:.3f}× "
+            f"| {m['wire_bytes_per_msg']:,.0f} | {m['sent_per_msg']:,.0f} / {m['received_per_msg']:,.0f} "
+            f"| {vs(m, 'direct')} | {vs(m, 'direct-nct')} "
             f"| {'—' if cpu is None else f'{cpu:.1f}'} "
             f"| {'—' if cpu is None or not nginx else f'{cpu / nginx:.2f}×'} "
             f"| {m['other_cpu_s']:.2f} |")
@@ -252,6 +271,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, help="rounds (default 3, 1 with --quick)")
     ap.add_argument("--secs", type=float, help="measured window (default 15, 5 with --quick)")
     ap.add_argument("--conns", type=int, default=100, help="connections (default 100)")
+    ap.add_argument("--no-context-takeover", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--targets", help="comma-separated subset of " + ",".join(TARGETS))
     ap.add_argument("--json", help="write the raw results here")
     a = ap.parse_args()
@@ -259,7 +279,7 @@ def main() -> int:
         asyncio.run(echo_role(int(a.url_or_port)))
         return 0
     if a.role == "load":
-        asyncio.run(load_role(a.url_or_port, a.conns, a.secs))
+        asyncio.run(load_role(a.url_or_port, a.conns, a.secs, a.no_context_takeover))
         return 0
     rounds = a.rounds or (1 if a.quick else 3)
     secs = a.secs or (5.0 if a.quick else 15.0)

@@ -26,7 +26,7 @@ cd "$(dirname "$0")"
 SECONDS_EACH="${FUZZ_SECONDS:-30}"
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
-    TARGETS=(config handshake frame proxy_protocol)
+    TARGETS=(config handshake frame proxy_protocol heartbeat_inflate)
 fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

@@ -5,6 +5,8 @@
 
 use bytes::Bytes;
 
+use crate::compression;
+
 /// Longest frame header: 2 bytes, 8 of extended length, 4 of mask.
 pub const MAX_HEADER: usize = 14;
 /// Longest control-frame payload (RFC 6455 §5.5).
@@ -100,6 +102,11 @@ pub struct Parser {
     message: Option<u64>,
     /// The message being read (or last read) is text.
     message_text: bool,
+    /// `permessage-deflate` was negotiated: RSV1 may mark a data message compressed.
+    compression: bool,
+    /// The message being read (or last read) is compressed (RSV1 on its first frame):
+    /// its bytes are not UTF-8 and are forwarded unchecked.
+    message_compressed: bool,
     /// UTF-8 check of the text message being forwarded.
     utf8: Utf8Check,
     /// Bytes of the current frame's payload seen so far (for the mask's phase).
@@ -144,6 +151,8 @@ impl Parser {
             state: State::Header,
             message: None,
             message_text: false,
+            compression: false,
+            message_compressed: false,
             utf8: Utf8Check::default(),
             payload_pos: 0,
             header_pending: false,
@@ -152,6 +161,17 @@ impl Parser {
             held_len: 0,
             candidate: None,
         }
+    }
+
+    /// The parser of a leg on which `permessage-deflate` was negotiated (RFC 7692 §6):
+    /// RSV1 is allowed on the first frame of a data message, which is then forwarded
+    /// unchecked (its UTF-8 is the receiver's to check once inflated). A compressed text
+    /// message of at most [`compression::MAX_HEARTBEAT_COMPRESSED`] bytes, in one frame,
+    /// is inflated alone to see whether it is the heartbeat; a compressed message in
+    /// fragments never is one (a heartbeat is a few bytes, sent in one frame).
+    pub fn with_compression(mut self, on: bool) -> Self {
+        self.compression = on;
+        self
     }
 
     /// True while a data frame is being forwarded: frames of wsbeat's own for the
@@ -197,7 +217,7 @@ impl Parser {
                     let n = rest
                         .len()
                         .min(usize::try_from(remaining).unwrap_or(usize::MAX));
-                    if self.message_text {
+                    if self.checks_utf8() {
                         // Checked before forwarding, the end of the message included,
                         // so that an invalid message never passes whole.
                         let ends_message = fin && n as u64 == remaining;
@@ -311,8 +331,13 @@ impl Parser {
         let fin = b0 & 0x80 != 0;
         let opcode = b0 & 0x0F;
         let masked = b1 & 0x80 != 0;
-        if b0 & 0x70 != 0 {
+        let rsv1 = b0 & 0x40 != 0;
+        if b0 & 0x30 != 0 || (rsv1 && !self.compression) {
             return violation(PROTOCOL_ERROR, "reserved bits set without an extension");
+        }
+        if rsv1 && !matches!(opcode, OP_TEXT | OP_BINARY) {
+            // RFC 7692 §6.1: only the first frame of a data message carries it.
+            return violation(PROTOCOL_ERROR, "RSV1 on a control or continuation frame");
         }
         let (len, mask_at) = match b1 & 0x7F {
             126 => (
@@ -380,6 +405,7 @@ impl Parser {
                 self.message = if fin { None } else { Some(total) };
                 if opcode != OP_CONTINUATION {
                     self.message_text = opcode == OP_TEXT;
+                    self.message_compressed = rsv1;
                 }
                 if self.holds_fragment(opcode, fin, so_far, len) {
                     let candidate = self.candidate.get_or_insert_with(Box::default);
@@ -398,13 +424,14 @@ impl Parser {
                 }
                 // Not (or no longer) possibly the heartbeat.
                 self.release_candidate(forward)?;
+                let compressed = self.message_compressed;
                 let candidate = opcode == OP_TEXT
                     && fin
                     && so_far == 0
-                    && self
-                        .heartbeat
-                        .as_ref()
-                        .is_some_and(|h| h.len() as u64 == len);
+                    && self.heartbeat.as_ref().is_some_and(|h| match compressed {
+                        false => h.len() as u64 == len,
+                        true => len <= compression::MAX_HEARTBEAT_COMPRESSED as u64,
+                    });
                 if candidate {
                     self.state = State::Hold {
                         opcode,
@@ -416,7 +443,7 @@ impl Parser {
                     return Ok(None);
                 }
                 if len == 0 {
-                    self.check_text_end(fin && self.message_text)?;
+                    self.check_text_end(fin && self.checks_utf8())?;
                     forward(&self.header[..self.header_len], true);
                     return Ok(Some(self.end_data_frame(fin)));
                 }
@@ -438,6 +465,9 @@ impl Parser {
         let Some(heartbeat) = &self.heartbeat else {
             return false;
         };
+        if self.message_compressed {
+            return false;
+        }
         let limit = heartbeat.len() as u64;
         let total = so_far.saturating_add(len);
         let fits = total <= limit && (!fin || total == limit);
@@ -503,6 +533,11 @@ impl Parser {
         Ok(())
     }
 
+    /// The message being forwarded is checked for UTF-8: text, not compressed.
+    fn checks_utf8(&self) -> bool {
+        self.message_text && !self.message_compressed
+    }
+
     /// Checks a piece of text payload as it passes (unmasking a copy when needed).
     fn check_text(&mut self, masked: &[u8]) -> Result<(), Violation> {
         let Some(mask) = self.mask else {
@@ -550,10 +585,15 @@ impl Parser {
             if let Some(mask) = self.mask {
                 apply_mask(&mut plain[..len], mask, 0);
             }
-            if self.heartbeat.as_deref() == Some(&plain[..len]) {
+            let heartbeat = match (&self.heartbeat, self.message_compressed) {
+                (None, _) => false,
+                (Some(h), false) => *h == plain[..len],
+                (Some(h), true) => compression::inflates_to(&plain[..len], h),
+            };
+            if heartbeat {
                 return Event::HeartbeatDropped;
             }
-            if std::str::from_utf8(&plain[..len]).is_err() {
+            if !self.message_compressed && std::str::from_utf8(&plain[..len]).is_err() {
                 return Event::Violation(Violation {
                     code: close::INVALID_PAYLOAD,
                     reason: "text message is not valid UTF-8",
@@ -982,6 +1022,128 @@ mod tests {
         match run(p, input, 100).1.last() {
             Some(Event::Violation(v)) => *v,
             other => panic!("expected a violation, got {other:?}"),
+        }
+    }
+
+    /// Raw deflate of `data` as a permessage-deflate sender makes one message: a sync
+    /// flush with its 4-byte tail removed.
+    fn deflate(data: &[u8]) -> Vec<u8> {
+        use miniz_oxide::deflate::core::{
+            compress, create_comp_flags_from_zip_params, CompressorOxide, TDEFLFlush,
+        };
+        let mut c = CompressorOxide::new(create_comp_flags_from_zip_params(6, -15, 0));
+        let mut out = vec![0u8; data.len() + 64];
+        let (_, _, n) = compress(&mut c, data, &mut out, TDEFLFlush::Sync);
+        out.truncate(n - 4);
+        out
+    }
+
+    /// A client frame with RSV1 set.
+    fn compressed_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mut f = client_frame(opcode, fin, payload);
+        f[0] |= 0x40;
+        f
+    }
+
+    #[test]
+    fn with_compression_rsv1_passes_on_the_first_frame_of_a_data_message_only() {
+        let compressed = || client_parser().with_compression(true);
+        // Compressed bytes are not UTF-8: forwarded unchecked, verbatim.
+        let mut input = compressed_frame(OP_TEXT, false, &[0xff, 0xfe, 0x00]);
+        input.extend(client_frame(OP_PING, true, b"p"));
+        input.extend(client_frame(OP_CONTINUATION, true, &[0xc3]));
+        input.extend(compressed_frame(OP_BINARY, true, &[1, 2, 3]));
+        input.extend(client_frame(OP_TEXT, true, b"plain"));
+        for step in [1, 3, 1000] {
+            let (forwarded, events) = run(&mut compressed(), &input, step);
+            let mut expected = compressed_frame(OP_TEXT, false, &[0xff, 0xfe, 0x00]);
+            expected.extend(client_frame(OP_CONTINUATION, true, &[0xc3]));
+            expected.extend(compressed_frame(OP_BINARY, true, &[1, 2, 3]));
+            expected.extend(client_frame(OP_TEXT, true, b"plain"));
+            assert_eq!(forwarded, expected, "step {step}");
+            assert!(!events.iter().any(|e| matches!(e, Event::Violation(_))));
+        }
+        // An uncompressed text message on a compressed connection is still checked.
+        let bad = client_frame(OP_TEXT, true, &[0xff; 20]);
+        assert_eq!(
+            violation_of(&mut compressed(), &bad).code,
+            close::INVALID_PAYLOAD
+        );
+        for (frames, what) in [
+            (compressed_frame(OP_PING, true, b"x"), "ping"),
+            (
+                compressed_frame(OP_CLOSE, true, &1000u16.to_be_bytes()),
+                "close",
+            ),
+            (
+                [
+                    compressed_frame(OP_TEXT, false, b"a"),
+                    compressed_frame(OP_CONTINUATION, true, b"b"),
+                ]
+                .concat(),
+                "continuation",
+            ),
+            (
+                {
+                    let mut f = client_frame(OP_TEXT, true, b"x");
+                    f[0] |= 0x20;
+                    f
+                },
+                "rsv2",
+            ),
+        ] {
+            let v = violation_of(&mut compressed(), &frames);
+            assert_eq!(v.code, close::PROTOCOL_ERROR, "{what}");
+        }
+        // max_message_size counts the compressed bytes on the wire.
+        let mut small = Parser::new(Sender::Client, 10, None).with_compression(true);
+        let big = compressed_frame(OP_BINARY, true, &[0u8; 11]);
+        assert_eq!(violation_of(&mut small, &big).code, close::TOO_BIG);
+        let mut small = Parser::new(Sender::Client, 10, None).with_compression(true);
+        let (forwarded, _) = run(&mut small, &compressed_frame(OP_BINARY, true, &[0; 10]), 4);
+        assert_eq!(forwarded.len(), 2 + 4 + 10);
+    }
+
+    #[test]
+    fn a_compressed_heartbeat_in_one_frame_is_dropped_and_anything_else_forwarded() {
+        let compressed = || client_parser().with_compression(true);
+        let hb = compressed_frame(OP_TEXT, true, &deflate(b"--heartbeat--"));
+        for step in [1, 5, 100] {
+            let (forwarded, events) = run(&mut compressed(), &hb, step);
+            assert!(forwarded.is_empty());
+            assert_eq!(events, vec![Event::HeartbeatDropped]);
+        }
+        // The uncompressed heartbeat is still dropped on a compressed connection.
+        let plain = client_frame(OP_TEXT, true, b"--heartbeat--");
+        assert_eq!(
+            run(&mut compressed(), &plain, 3).1,
+            vec![Event::HeartbeatDropped]
+        );
+        let mut others = vec![
+            compressed_frame(OP_TEXT, true, &deflate(b"--heartbeat--!")),
+            compressed_frame(OP_TEXT, true, &deflate(b"hello")),
+            compressed_frame(OP_BINARY, true, &deflate(b"--heartbeat--")),
+            compressed_frame(OP_TEXT, true, &[0xff; 64]),
+            compressed_frame(OP_TEXT, true, &[]),
+            compressed_frame(OP_TEXT, true, &deflate(&[b'-'; 100_000])),
+        ];
+        // In fragments a compressed message is never taken for the heartbeat.
+        let deflated = deflate(b"--heartbeat--");
+        let (a, b) = deflated.split_at(3);
+        others.push(
+            [
+                compressed_frame(OP_TEXT, false, a),
+                client_frame(OP_CONTINUATION, true, b),
+            ]
+            .concat(),
+        );
+        for frame in others {
+            let (forwarded, events) = run(&mut compressed(), &frame, 7);
+            assert_eq!(forwarded, frame);
+            assert!(matches!(
+                events.last(),
+                Some(Event::DataFrameEnd { fin: true, .. })
+            ));
         }
     }
 

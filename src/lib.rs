@@ -10,6 +10,8 @@
 //! - [`forwarding`]: header policy between the legs: end-to-end headers, tokens,
 //!   `X-Forwarded-*` and `Via`.
 //! - [`upstream`]: the upstream leg's handshake with the forwarded headers.
+//! - [`compression`]: `permessage-deflate` end to end: the offer, the answer, and the
+//!   one capped inflate that spots a compressed heartbeat (leaf, no zlib state).
 //! - [`client_script`]: the browser client, served at `client_script` when configured.
 //! - [`passthrough`]: plain HTTP requests, proxied through a pooled client.
 //! - [`conn`]: the vocabulary of one connection (leaf): `Leg`, `PerLeg`, `Outcome`,
@@ -29,6 +31,7 @@
 
 pub mod admin;
 pub mod client_script;
+pub mod compression;
 pub mod config;
 pub mod conn;
 pub mod forwarding;

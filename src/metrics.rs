@@ -105,6 +105,8 @@ pub struct Metrics {
     pub config_last_reload_successful: IntGauge,
     /// When the configuration in use was loaded (Unix seconds).
     pub config_last_reload_success_timestamp: Gauge,
+    /// Proxied WebSockets open now with `permessage-deflate` negotiated end to end.
+    pub compressed_connections_active: IntGaugeVec,
     connection_last_seen: GaugeVec,
     connection_pong_rtt: GaugeVec,
     /// The live WebSockets, listed by `/connections` and the per-connection series.
@@ -318,6 +320,18 @@ impl Metrics {
                 r.register(Box::new(g.clone())).expect("registered once");
                 g
             },
+            compressed_connections_active: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "wsbeat_compressed_connections_active",
+                        "Proxied WebSockets open now with permessage-deflate negotiated end to end.",
+                    ),
+                    &["route"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("registered once");
+                g
+            },
             connection_last_seen: gauge(
                 "wsbeat_connection_last_seen_seconds",
                 "Seconds since the client's last frame, per connection (metrics.per_connection).",
@@ -352,6 +366,8 @@ impl Metrics {
         for route in routes.all() {
             let name = route.name.as_str();
             self.connections_active.with_label_values(&[name]);
+            self.compressed_connections_active
+                .with_label_values(&[name]);
             self.connection_duration.with_label_values(&[name]);
             self.heartbeats_sent.with_label_values(&[name]);
             self.client_heartbeats_dropped.with_label_values(&[name]);
@@ -557,6 +573,7 @@ mod tests {
         let text = String::from_utf8(m.render()).unwrap();
         for family in [
             "wsbeat_connections_active",
+            "wsbeat_compressed_connections_active",
             "wsbeat_connections_total",
             "wsbeat_connection_duration_seconds",
             "wsbeat_pong_rtt_seconds",

@@ -69,6 +69,8 @@ pub struct RelayContext {
     /// The shared view behind `/connections`.
     pub view: Arc<ConnectionView>,
     pub max_message_size: u64,
+    /// `permessage-deflate` was negotiated end to end: RSV1 passes on data messages.
+    pub compressed: bool,
     pub write_timeout: Duration,
     pub shutdown: CancellationToken,
     /// When this connection's close goes out once `shutdown` fires
@@ -141,11 +143,13 @@ where
         upstream_io: Some(upstream.io),
         wires: PerLeg {
             client: Wire::new(
-                Parser::new(Sender::Client, ctx.max_message_size, heartbeat),
+                Parser::new(Sender::Client, ctx.max_message_size, heartbeat)
+                    .with_compression(ctx.compressed),
                 false,
             ),
             upstream: Wire::new(
-                Parser::new(Sender::Server, ctx.max_message_size, None),
+                Parser::new(Sender::Server, ctx.max_message_size, None)
+                    .with_compression(ctx.compressed),
                 true,
             ),
         },

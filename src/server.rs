@@ -494,17 +494,25 @@ impl Proxy {
         let client_upgrade = hyper::upgrade::on(&mut req);
         let (parts, _body) = req.into_parts();
         let upstream_tls = runtime.tls.upstreams.get(&route.name);
-        let dialed = upstream::dial(&route.upstream, upstream_tls, &parts, info).await;
+        let dialed = upstream::dial(
+            &route.upstream,
+            route.compression,
+            upstream_tls,
+            &parts,
+            info,
+        )
+        .await;
         let errors = |reason: &str| {
             self.metrics
                 .upstream_errors
                 .with_label_values(&[&route.name, reason])
                 .inc()
         };
-        let (upstream_socket, protocol, upstream_headers) = match dialed {
+        let (upstream_socket, protocol, extensions, upstream_headers) = match dialed {
             Ok(Dialed::Accepted {
                 socket,
                 protocol,
+                extensions,
                 headers,
                 connect_time,
             }) => {
@@ -512,7 +520,7 @@ impl Proxy {
                     .upstream_connect
                     .with_label_values(&[&route.name])
                     .observe(connect_time.as_secs_f64());
-                (socket, protocol, headers)
+                (socket, protocol, extensions, headers)
             }
             Ok(Dialed::Refused(response)) => {
                 errors("refused");
@@ -544,6 +552,10 @@ impl Proxy {
         }
         if let Some(p) = protocol {
             h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
+        }
+        let compressed = extensions.is_some();
+        if let Some(e) = extensions {
+            h.insert(header::SEC_WEBSOCKET_EXTENSIONS, e);
         }
 
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -589,6 +601,7 @@ impl Proxy {
                 view: view.clone(),
                 route: route.clone(),
                 max_message_size,
+                compressed,
                 write_timeout,
                 shutdown: proxy.shutdown.clone(),
                 drain_grace,
@@ -596,7 +609,19 @@ impl Proxy {
                 max_age,
                 started,
             };
+            let compressed_gauge = compressed.then(|| {
+                proxy
+                    .metrics
+                    .compressed_connections_active
+                    .with_label_values(&[&route.name])
+            });
+            if let Some(g) = &compressed_gauge {
+                g.inc();
+            }
             let summary = relay::run(client, *upstream_socket, ctx).await;
+            if let Some(g) = compressed_gauge {
+                g.dec();
+            }
             proxy.metrics.close(&view, &summary);
             tracing::info!(
                 id,

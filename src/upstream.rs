@@ -13,7 +13,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::config::UpstreamConfig;
+use crate::compression;
+use crate::config::{Compression, UpstreamConfig};
 use crate::forwarding::{add_forwarding, copy_end_to_end, header_tokens, ClientInfo};
 use crate::tls::{LegStream, UpstreamTls};
 
@@ -84,6 +85,10 @@ pub enum Dialed {
         socket: Box<UpstreamSocket>,
         /// The subprotocol the upstream chose, for the client's 101.
         protocol: Option<HeaderValue>,
+        /// The `Sec-WebSocket-Extensions` for the client's 101: the `permessage-deflate`
+        /// the upstream accepted, with `client_no_context_takeover`; `None`: the
+        /// connection is not compressed.
+        extensions: Option<HeaderValue>,
         /// The 101's other end-to-end headers (e.g. `Set-Cookie`), for the client's 101.
         headers: HeaderMap,
         /// Time from starting to dial to the upstream's 101.
@@ -93,12 +98,14 @@ pub enum Dialed {
     Refused(Response<Incoming>),
 }
 
-/// Builds the upstream handshake request from the client's request head.
+/// Builds the upstream handshake request from the client's request head, with `offer`
+/// as its `Sec-WebSocket-Extensions`.
 fn upstream_request(
     client: &Parts,
     info: ClientInfo,
     upstream: &UpstreamConfig,
     key: &str,
+    offer: Option<&HeaderValue>,
 ) -> Request<http_body_util::Empty<bytes::Bytes>> {
     let mut req = Request::new(http_body_util::Empty::new());
     *req.method_mut() = Method::GET;
@@ -138,13 +145,18 @@ fn upstream_request(
     if let Ok(v) = HeaderValue::from_str(key) {
         headers.insert(header::SEC_WEBSOCKET_KEY, v);
     }
+    if let Some(offer) = offer {
+        headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, offer.clone());
+    }
     req
 }
 
 /// Dials the upstream (with TLS for `wss://`: `tls` is its connector) and performs the
-/// WebSocket handshake, all within `upstream.connect_timeout`.
+/// WebSocket handshake, all within `upstream.connect_timeout`. With
+/// `Compression::Passthrough` the client's `permessage-deflate` offer goes along.
 pub async fn dial(
     upstream: &UpstreamConfig,
+    compression: Compression,
     tls: Option<&UpstreamTls>,
     client: &Parts,
     info: ClientInfo,
@@ -153,7 +165,7 @@ pub async fn dial(
     let started = Instant::now();
     match tokio::time::timeout(
         upstream.connect_timeout.0,
-        handshake(upstream, tls, client, info, &name, started),
+        handshake(upstream, compression, tls, client, info, &name, started),
     )
     .await
     {
@@ -164,6 +176,7 @@ pub async fn dial(
 
 async fn handshake(
     upstream: &UpstreamConfig,
+    compression: Compression,
     tls: Option<&UpstreamTls>,
     client: &Parts,
     info: ClientInfo,
@@ -213,7 +226,11 @@ async fn handshake(
     });
 
     let key = generate_key();
-    let request = upstream_request(client, info, upstream, &key);
+    let offer = match compression {
+        Compression::Passthrough => compression::offer_upstream(&client.headers),
+        Compression::Off => None,
+    };
+    let request = upstream_request(client, info, upstream, &key, offer.as_ref());
     let mut response = sender.send_request(request).await.map_err(http_err)?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         return Ok(Dialed::Refused(response));
@@ -232,9 +249,7 @@ async fn handshake(
     if !header_tokens(headers, &header::UPGRADE).any(|t| t.eq_ignore_ascii_case("websocket")) {
         return Err(invalid("101 without Upgrade: websocket"));
     }
-    if headers.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
-        return Err(invalid("an extension that was not offered"));
-    }
+    let extensions = compression::answer_client(headers, offer.as_ref()).map_err(invalid)?;
     let protocol = headers.get(header::SEC_WEBSOCKET_PROTOCOL).cloned();
     if let Some(chosen) = &protocol {
         let offered = header_tokens(&client.headers, &header::SEC_WEBSOCKET_PROTOCOL)
@@ -251,6 +266,7 @@ async fn handshake(
     Ok(Dialed::Accepted {
         socket: Box::new(socket),
         protocol,
+        extensions,
         headers: forwarded,
         connect_time: started.elapsed(),
     })
@@ -292,7 +308,7 @@ mod tests {
             &client.headers,
             &[],
         );
-        let req = upstream_request(&client, info, &UpstreamConfig::default(), "k");
+        let req = upstream_request(&client, info, &UpstreamConfig::default(), "k", None);
         let h = req.headers();
         assert_eq!(req.uri(), "/ws/chat?room=1");
         assert_eq!(h["host"], "app.example");
@@ -308,5 +324,18 @@ mod tests {
         assert!(h.get("keep-alive").is_none());
         assert!(h.get("sec-websocket-extensions").is_none());
         assert_eq!(h.get_all("connection").iter().count(), 1);
+
+        let offer = compression::offer_upstream(&client.headers);
+        let req = upstream_request(
+            &client,
+            info,
+            &UpstreamConfig::default(),
+            "k",
+            offer.as_ref(),
+        );
+        assert_eq!(
+            req.headers()["sec-websocket-extensions"],
+            "permessage-deflate; client_no_context_takeover"
+        );
     }
 }

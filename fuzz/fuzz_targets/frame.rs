@@ -6,7 +6,8 @@
 //!   bit 1 adds 65536 to the message limit, bits 2–7 the largest read (0: the whole
 //!   stream at once; else reads of 1 to that many bytes);
 //! - bytes 1–2: the message limit (little endian, 0–65535, plus 65536 with bit 1);
-//! - byte 3: the seed of the read sizes.
+//! - byte 3: bit 7 negotiates permessage-deflate (`Parser::with_compression`), bits 0–6
+//!   the seed of the read sizes.
 //!
 //! The stream is cut into those reads and fed to `Parser::feed` (no heartbeat: that
 //! drop is wsbeat's own feature, and tungstenite would report it as a message) until a
@@ -25,6 +26,14 @@
 //!   reference does, with the close code RFC 6455 gives the reference's error: 1002
 //!   protocol error, 1007 invalid UTF-8, 1009 too big. The exceptions, aligned to the
 //!   RFC rather than to tungstenite, are in `compare` and `reference_close_allowed`.
+//!
+//! With permessage-deflate (RFC 7692) tungstenite has no reference, so the stream is
+//! mapped to the one the extension means: RSV1 cleared on the first frame of each data
+//! message, and a compressed text message turned binary (its bytes are not UTF-8 and
+//! are not checked). The parser without the extension on that stream is checked against
+//! tungstenite as above, and the parser with it, on the stream as sent, must do exactly
+//! the same (events, close codes, what is forwarded), but for the text flag of the
+//! compressed messages.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -43,6 +52,7 @@ struct Setup {
     max_message: u64,
     max_read: usize,
     seed: u32,
+    compression: bool,
 }
 
 fn setup(data: &[u8]) -> Option<(Setup, &[u8])> {
@@ -57,7 +67,8 @@ fn setup(data: &[u8]) -> Option<(Setup, &[u8])> {
         max_message: u64::from(u16::from_le_bytes([head[1], head[2]])) + big,
         max_read: usize::from(head[0] >> 2),
         // xorshift32 must not start at 0.
-        seed: u32::from(head[3]) << 8 | 0x5A,
+        seed: u32::from(head[3] & 0x7F) << 8 | 0x5A,
+        compression: head[3] & 0x80 != 0,
     };
     Some((setup, stream))
 }
@@ -185,8 +196,9 @@ struct ParserRun {
     mid_frame: bool,
 }
 
-fn run_parser(setup: Setup, stream: &[u8]) -> ParserRun {
-    let mut parser = Parser::new(setup.sender, setup.max_message, None);
+fn run_parser(setup: Setup, stream: &[u8], compression: bool) -> ParserRun {
+    let mut parser =
+        Parser::new(setup.sender, setup.max_message, None).with_compression(compression);
     let mut rng = setup.seed;
     let mut forwarded = Vec::new();
     let mut header_at = Vec::new();
@@ -543,12 +555,99 @@ fn text_invalid_through(frames: &[WireFrame], k: usize, stream: &[u8]) -> bool {
     }
 }
 
+/// The stream a permessage-deflate peer means: RSV1 cleared on the first frame of each
+/// data message (where the extension allows it), and compressed text messages turned
+/// binary. Also returns, per frame, whether it belongs to a compressed text message.
+fn without_compression(stream: &[u8], frames: &[WireFrame]) -> (Vec<u8>, Vec<bool>) {
+    let mut out = stream.to_vec();
+    let mut compressed_text = vec![false; frames.len()];
+    let mut in_message = false;
+    let mut text = false;
+    for (i, f) in frames.iter().enumerate() {
+        let Some(h) = f.header.as_ref() else {
+            break;
+        };
+        match h.opcode {
+            OpCode::Data(d @ (Data::Text | Data::Binary)) => {
+                if in_message {
+                    break; // a protocol error either way
+                }
+                text = false;
+                if h.rsv1 {
+                    out[f.start] &= !0x40;
+                    if d == Data::Text {
+                        out[f.start] = (out[f.start] & 0xF0) | 0x2;
+                        text = true;
+                    }
+                }
+                compressed_text[i] = text;
+                in_message = !h.is_final;
+            }
+            OpCode::Data(Data::Continue) => {
+                if !in_message {
+                    break;
+                }
+                compressed_text[i] = text;
+                in_message = !h.is_final;
+            }
+            _ => {}
+        }
+    }
+    (out, compressed_text)
+}
+
+/// With permessage-deflate: the parser on the stream as sent does what the parser
+/// without the extension does on the stream it means, but for the text flag of the
+/// compressed messages; then the latter is checked against the reference.
+fn check_compressed(setup: Setup, stream: &[u8]) {
+    let frames = frames(stream);
+    let (plain_stream, compressed_text) = without_compression(stream, &frames);
+    let with = run_parser(setup, stream, true);
+    let without = run_parser(setup, &plain_stream, false);
+    check_forwarded(&with, &frames, stream);
+    let expected: Vec<Event> = without
+        .events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| match e {
+            Event::DataFrameEnd { fin, .. } if compressed_text[i] => Event::DataFrameEnd {
+                fin: *fin,
+                text: true,
+            },
+            e => e.clone(),
+        })
+        .collect();
+    assert_eq!(with.events, expected, "events with and without the extension");
+    let code = |end: ParserEnd| match end {
+        ParserEnd::Violation(v) => Some(v.code),
+        _ => None,
+    };
+    assert_eq!(code(with.end), code(without.end), "close codes");
+    assert_eq!(
+        std::mem::discriminant(&with.end),
+        std::mem::discriminant(&without.end)
+    );
+    assert_eq!(with.header_at, without.header_at, "header boundaries");
+    assert_eq!(with.forwarded.len(), without.forwarded.len());
+    assert_eq!(with.mid_frame, without.mid_frame);
+    check_stream(setup, &plain_stream);
+}
+
 fn check(data: &[u8]) {
     let Some((setup, stream)) = setup(data) else {
         return;
     };
+    if setup.compression {
+        check_compressed(setup, stream);
+    } else {
+        check_stream(setup, stream);
+    }
+}
+
+/// The parser without the extension on `stream`, against tungstenite.
+fn check_stream(setup: Setup, stream: &[u8]) {
     let frames = frames(stream);
-    let run = run_parser(setup, stream);
+    let run = run_parser(setup, stream, false);
     let p_msgs = parser_messages(&run, &frames, stream);
     check_forwarded(&run, &frames, stream);
 

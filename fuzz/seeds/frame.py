@@ -5,22 +5,25 @@
 
 Each seed is 4 setup bytes then a byte stream (see fuzz_targets/frame.rs):
 byte 0 = client (bit 0) | message limit + 65536 (bit 1) | largest read << 2 (0: all
-at once), bytes 1-2 = message limit (little endian), byte 3 = seed of the read sizes.
+at once), bytes 1-2 = message limit (little endian), byte 3 = seed of the read sizes
+(bits 0-6) | permessage-deflate negotiated (bit 7).
 Deterministic: running it again rewrites the same files (and removes no others).
 """
 import os
 import struct
+import zlib
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "corpus", "frame")
 MASK = b"\x37\xfa\x21\x3d"
 CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 
-def setup(client=True, max_message=1 << 16, max_read=0, seed=1):
+def setup(client=True, max_message=1 << 16, max_read=0, seed=1, deflate=False):
+    """`deflate`: permessage-deflate negotiated (byte 3, bit 7)."""
     big = max_message >= 1 << 16
-    assert max_message < 1 << 17 and 0 <= max_read < 64
+    assert max_message < 1 << 17 and 0 <= max_read < 64 and 0 <= seed < 128
     b0 = int(client) | int(big) << 1 | max_read << 2
-    return bytes([b0]) + struct.pack("<H", max_message & 0xFFFF) + bytes([seed])
+    return bytes([b0]) + struct.pack("<H", max_message & 0xFFFF) + bytes([seed | deflate << 7])
 
 
 def frame(opcode, payload=b"", fin=True, mask=MASK, rsv=0, length=None, form=None):
@@ -126,6 +129,37 @@ seed("utf8-surrogate", setup(client=False) + server(TEXT, b"\xed\xa0\x80"))
 seed("utf8-overlong", setup(max_read=2) + frame(TEXT, b"\xe0\x80\x80"))
 seed("close-reason-bad-utf8", setup() + frame(CLOSE, close(1000, b"\xc3")))
 seed("binary-not-checked", setup() + frame(BINARY, b"\xff\xfe"))
+
+# permessage-deflate negotiated (RFC 7692): RSV1 = rsv=4.
+
+
+def deflated(data):
+    c = zlib.compressobj(wbits=-15)
+    out = c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+    assert out.endswith(b"\x00\x00\xff\xff")
+    return out[:-4]
+
+
+D = dict(deflate=True)
+seed("deflate-text", setup(**D) + frame(TEXT, deflated(b"hello hello hello"), rsv=4))
+seed("deflate-heartbeat", setup(max_read=3, **D) + frame(TEXT, deflated(b"--heartbeat--"), rsv=4))
+seed("deflate-text-not-utf8", setup(**D) + frame(TEXT, b"\xff\xfe\x00", rsv=4))
+seed("deflate-plain-text-still-checked", setup(**D) + frame(TEXT, b"\xff"))
+seed("deflate-fragmented-with-controls", setup(max_read=4, **D)
+     + frame(TEXT, b"\xc3", fin=False, rsv=4) + frame(PING, b"p")
+     + frame(CONT, b"\xff", fin=False) + frame(CONT, b"") + frame(BINARY, b"\x01", rsv=4))
+seed("deflate-server", setup(client=False, max_read=2, **D)
+     + server(TEXT, deflated(b"x" * 300), rsv=4) + server(BINARY, b"\x00\x01", rsv=4))
+seed("deflate-rsv1-on-continuation", setup(**D)
+     + frame(TEXT, b"a", fin=False, rsv=4) + frame(CONT, b"b", rsv=4))
+seed("deflate-rsv1-on-ping", setup(**D) + frame(PING, b"p", rsv=4))
+seed("deflate-rsv1-on-close", setup(**D) + frame(CLOSE, close(1000), rsv=4))
+seed("deflate-rsv1-inside-a-message", setup(**D)
+     + frame(BINARY, b"a", fin=False) + frame(TEXT, b"b", rsv=4))
+seed("deflate-rsv2", setup(**D) + frame(TEXT, b"x", rsv=6))
+seed("deflate-too-big-on-the-wire", setup(max_message=10, **D)
+     + frame(BINARY, b"\x01" * 6, fin=False, rsv=4) + frame(CONT, b"\x01" * 5))
+seed("deflate-reserved-opcode", setup(**D) + frame(0x3, b"x", rsv=4))
 
 
 def main():

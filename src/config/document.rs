@@ -50,6 +50,11 @@ pub struct Config {
     /// Exactly that path, GET and HEAD; `null` (the default): never, so no application
     /// route is shadowed.
     pub client_script: Option<String>,
+    /// `permessage-deflate` (RFC 7692), per route: `passthrough` (the default) negotiates
+    /// it end to end (the client's offer goes upstream with `client_no_context_takeover`
+    /// added) and forwards compressed messages byte for byte; `off` strips the offer, so
+    /// both legs are uncompressed.
+    pub compression: Compression,
     /// Heartbeats sent to clients and dropped from them (the ws4redis protocol).
     pub heartbeat: HeartbeatConfig,
     /// Protocol PINGs and the dead-peer verdict.
@@ -75,6 +80,7 @@ impl Default for Config {
             routes: Vec::new(),
             allowed_origins: None,
             client_script: None,
+            compression: Compression::default(),
             heartbeat: HeartbeatConfig::default(),
             liveness: LivenessConfig::default(),
             limits: LimitsConfig::default(),
@@ -170,6 +176,19 @@ impl Default for UpstreamConfig {
             server_name: None,
         }
     }
+}
+
+/// What a route does with `permessage-deflate`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Negotiated end to end; compressed messages pass byte for byte, and wsbeat keeps
+    /// no zlib state (it inflates only short client messages, alone, to spot the
+    /// heartbeat).
+    #[default]
+    Passthrough,
+    /// The client's offer is stripped: both legs are uncompressed.
+    Off,
 }
 
 /// How heartbeats are scheduled.

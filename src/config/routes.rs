@@ -8,7 +8,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::{
-    Config, HeartbeatConfig, HeartbeatMode, HumanDuration, LivenessConfig, UpstreamConfig,
+    Compression, Config, HeartbeatConfig, HeartbeatMode, HumanDuration, LivenessConfig,
+    UpstreamConfig,
 };
 
 /// The name of the fallback route (the top-level `upstream`), used as the `route` label.
@@ -35,6 +36,9 @@ pub struct RouteConfig {
     /// The route's own Origin allow-list, replacing the top-level one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_origins: Option<Vec<String>>,
+    /// `passthrough` or `off` for this route; absent: the top-level `compression`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
 }
 
 impl RouteConfig {
@@ -100,6 +104,8 @@ pub struct Route {
     pub liveness: LivenessConfig,
     /// Lower-cased origins allowed to open WebSockets; `None`: any.
     pub allowed_origins: Option<Vec<String>>,
+    /// What the route does with `permessage-deflate`.
+    pub compression: Compression,
 }
 
 impl Route {
@@ -178,6 +184,7 @@ impl Config {
             heartbeat: HeartbeatSettings::from_config(&self.heartbeat),
             liveness: self.liveness.clone(),
             allowed_origins: normalize_origins(&self.allowed_origins),
+            compression: self.compression,
         });
         // Keep config order for validation messages; matching order is by length below.
         let routes: Vec<Arc<Route>> = self
@@ -210,6 +217,7 @@ impl Config {
                     allowed_origins: normalize_origins(
                         r.allowed_origins.as_ref().or(self.allowed_origins.as_ref()),
                     ),
+                    compression: r.compression.unwrap_or(self.compression),
                 })
             })
             .collect();

@@ -340,3 +340,29 @@ fn reload_watch_defaults_to_2s_and_null_turns_it_off() {
     let e = parse("reload: { interval: 1s }\n").unwrap_err().to_string();
     assert!(e.contains("interval"), "{e}");
 }
+
+#[test]
+fn compression_is_passthrough_by_default_and_routes_may_turn_it_off() {
+    let c = parse("routes:\n  - path: /plain\n    compression: off\n  - path: /same\n").unwrap();
+    let routes = c.routes();
+    assert_eq!(routes.resolve("/").compression, Compression::Passthrough);
+    assert_eq!(
+        routes.resolve("/same").compression,
+        Compression::Passthrough
+    );
+    assert_eq!(routes.resolve("/plain").compression, Compression::Off);
+    let c =
+        parse("compression: off\nroutes:\n  - path: /z\n    compression: passthrough\n").unwrap();
+    assert_eq!(c.routes().resolve("/").compression, Compression::Off);
+    assert_eq!(
+        c.routes().resolve("/z").compression,
+        Compression::Passthrough
+    );
+    for bad in [
+        "compression: gzip\n",
+        "routes:\n  - path: /x\n    compression: yes\n",
+    ] {
+        let e = parse(bad).unwrap_err().to_string();
+        assert!(e.contains("compression"), "{bad}: {e}");
+    }
+}

@@ -65,6 +65,7 @@ impl Harness {
             )),
             route,
             max_message_size: config.limits.max_message_size.0,
+            compressed: false,
             write_timeout: config.limits.write_timeout.0,
             shutdown: shutdown.clone(),
             drain_grace: super::drain_grace(config.shutdown.drain_timeout.0),

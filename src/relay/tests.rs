@@ -41,6 +41,7 @@ fn start(client_buffer: usize, tune: impl FnOnce(&mut Config)) -> Harness {
         metrics: metrics.for_route(&route.name),
         view,
         max_message_size: config.limits.max_message_size.0,
+        compressed: false,
         write_timeout: config.limits.write_timeout.0,
         shutdown: shutdown.clone(),
         drain_grace: drain_grace(config.shutdown.drain_timeout.0),

@@ -61,15 +61,22 @@ export function once(emitter, event, what, timeoutMs = PATIENCE_MS) {
 
 /**
  * A Node `ws` backend that echoes, and sends `tick N` every `tickMs` when given (the busy
- * backend). It knows nothing of heartbeats and records what it receives.
- * @param {{tickMs?: number, port?: number}} [options]
+ * backend). It knows nothing of heartbeats and records what it receives, and any error
+ * on its sockets (an inflate that fails, for one). With `deflate` it negotiates
+ * permessage-deflate and compresses every message it sends, however short.
+ * @param {{tickMs?: number, port?: number, deflate?: boolean}} [options]
  */
-export async function startBackend({ tickMs, port = 0 } = {}) {
-  const wss = new WebSocketServer({ host: "127.0.0.1", port });
+export async function startBackend({ tickMs, port = 0, deflate = false } = {}) {
+  const perMessageDeflate = deflate ? { threshold: 0 } : false;
+  const wss = new WebSocketServer({ host: "127.0.0.1", port, perMessageDeflate });
   await once(wss, "listening", "backend listening");
   const backend = {
     port: wss.address().port,
     received: [],
+    /** Errors on its sockets, as messages. */
+    errors: [],
+    /** The `Sec-WebSocket-Extensions` of each handshake it got. */
+    offers: [],
     connections: 0,
     wss,
     get url() {
@@ -81,12 +88,13 @@ export async function startBackend({ tickMs, port = 0 } = {}) {
       await new Promise((r) => wss.close(r));
     },
   };
-  wss.on("connection", (ws) => {
+  wss.on("connection", (ws, req) => {
     backend.connections += 1;
+    backend.offers.push(req.headers["sec-websocket-extensions"] ?? null);
     let n = 0;
     const timer = tickMs ? setInterval(() => ws.send(`tick ${++n}`), tickMs) : null;
     ws.on("close", () => clearInterval(timer));
-    ws.on("error", () => {});
+    ws.on("error", (e) => backend.errors.push(String(e?.message ?? e)));
     ws.on("message", (data, isBinary) => {
       const text = isBinary ? data : data.toString();
       backend.received.push(text);

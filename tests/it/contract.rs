@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
-use wsbeat::config::HeartbeatMode;
+use wsbeat::config::{Compression, HeartbeatMode};
 
 /// How late a timed event may be on a loaded 2-core machine before a test calls it missed.
 const MARGIN: Duration = Duration::from_millis(250);
@@ -131,13 +131,14 @@ async fn upstream_pings_are_answered_by_wsbeat_and_never_reach_the_client() {
     assert_eq!(&pong[..], b"upstream ping 1");
 }
 
-/// DESIGN §1.1: wsbeat offers no extension upstream, so a 101 that names one breaks the
-/// handshake (RFC 6455 §4.1) and the client gets 502, never a compressed stream.
+/// DESIGN §1.1: with `compression: off` wsbeat offers no extension upstream, so a 101
+/// that names one breaks the handshake (RFC 6455 §4.1) and the client gets 502, never a
+/// compressed stream. (`passthrough`: tests/it/compression.rs.)
 #[tokio::test]
 async fn an_upstream_101_with_an_extension_the_client_did_not_get_is_refused_with_502() {
     let (upstream, mut heads) =
         upstream_answering_101_with("Sec-WebSocket-Extensions: permessage-deflate\r\n").await;
-    let proxy = Proxy::start(upstream, |_| {}).await;
+    let proxy = Proxy::start(upstream, |c| c.compression = Compression::Off).await;
     // A browser offers permessage-deflate; that offer is for wsbeat, not the backend.
     let request = upgrade_request("/").replace(
         "\r\n\r\n",

@@ -11,6 +11,7 @@ mod common;
 mod browser;
 mod churn;
 mod cli;
+mod compression;
 mod conformance;
 mod contract;
 mod drain;

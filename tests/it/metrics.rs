@@ -39,6 +39,7 @@ const LONG_PATIENCE: Duration = Duration::from_secs(60);
 /// histograms by base name), apart from the opt-in per-connection ones.
 const FAMILIES: &[(&str, &str)] = &[
     ("wsbeat_connections_active", "gauge"),
+    ("wsbeat_compressed_connections_active", "gauge"),
     ("wsbeat_connections_total", "counter"),
     ("wsbeat_connection_duration_seconds", "histogram"),
     ("wsbeat_heartbeats_sent_total", "counter"),
@@ -1718,4 +1719,67 @@ async fn the_readme_metrics_table_lists_exactly_the_exported_families() {
     while let Some(r) = tasks.join_next().await {
         r.unwrap();
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// permessage-deflate
+
+/// `wsbeat_compressed_connections_active{route}` counts the connections with
+/// permessage-deflate negotiated, while they are open; `wsbeat_bytes_total` counts the
+/// compressed bytes on the wire; a route with `compression: off` has none.
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
+#[tokio::test]
+async fn compressed_connections_are_counted_while_open_and_bytes_on_the_wire() {
+    use crate::compression::{compressed_client_frame, deflate, deflating_upstream, offering};
+    let message = compressed_client_frame(wsbeat::frame::OP_TEXT, &deflate(&[b'a'; 1000]));
+    let wire_payload = (message.len() - 2 - 4) as f64; // header and mask of a short frame
+    let (compressing, mut received) =
+        deflating_upstream("permessage-deflate", Vec::new(), message.len()).await;
+    let (plain, _plain_received) = deflating_upstream("", Vec::new(), 0).await;
+    let proxy = Proxy::start(compressing, |c| {
+        c.routes.push(wsbeat::config::RouteConfig {
+            name: Some("plain".into()),
+            path: "/plain".into(),
+            upstream: Some(wsbeat::config::UpstreamConfig {
+                url: format!("ws://{plain}").parse().unwrap(),
+                ..Default::default()
+            }),
+            heartbeat: None,
+            liveness: None,
+            allowed_origins: None,
+            compression: Some(wsbeat::config::Compression::Off),
+        });
+    })
+    .await;
+    let (mut compressed, head) = raw_head(proxy.addr, &offering("permessage-deflate")).await;
+    assert!(head.contains("permessage-deflate"), "{head}");
+    let plain_request = offering("permessage-deflate").replace("GET / ", "GET /plain ");
+    let (uncompressed, head) = raw_head(proxy.addr, &plain_request).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    compressed.write_all(&message).await.unwrap();
+    let (_, got) = crate::compression::next_upstream(&mut received).await;
+    assert_eq!(got, message);
+
+    let gauge = "wsbeat_compressed_connections_active";
+    let s = scrape_linted(proxy.admin).await;
+    assert_eq!(s.must(gauge, &[("route", "default")]), 1.0, "{}", s.text);
+    assert_eq!(s.must(gauge, &[("route", "plain")]), 0.0, "{}", s.text);
+    assert_eq!(
+        s.must("wsbeat_connections_active", &[("route", "plain")]),
+        1.0
+    );
+    let bytes = s.must(
+        "wsbeat_bytes_total",
+        &[("route", "default"), ("direction", "to_upstream")],
+    );
+    assert_eq!(
+        bytes, wire_payload,
+        "compressed bytes, not 1000 inflated ones"
+    );
+    drop((compressed, uncompressed));
+    scrape_until(proxy.admin, "no compressed connection", PATIENCE, |s| {
+        s.value(gauge, &[("route", "default")]) == 0.0
+            && s.value("wsbeat_connections_active", &[("route", "default")]) == 0.0
+    })
+    .await;
 }

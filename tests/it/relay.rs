@@ -168,7 +168,12 @@ async fn subprotocol_is_the_one_the_backend_chose() {
 #[tokio::test]
 async fn path_query_and_end_to_end_headers_are_forwarded() {
     let mut backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, |_| {}).await;
+    // Extensions are offered upstream only with `compression: passthrough`
+    // (tests/it/compression.rs).
+    let proxy = Proxy::start(backend.addr, |c| {
+        c.compression = wsbeat::config::Compression::Off
+    })
+    .await;
     let mut req = proxy
         .url("/ws/room/7?token=abc&x=1")
         .into_client_request()

@@ -93,6 +93,9 @@ pub struct Metrics {
     pub tls_handshake_errors: IntCounterVec,
     /// Accepted client TCP connections open now (`limits.max_tcp_connections`).
     pub tcp_connections_active: IntGauge,
+    /// Client HTTP connections open now by protocol `version` (`1.1`, `2`): one HTTP/2
+    /// connection may carry many WebSockets (`http2: true`).
+    pub client_http_connections_active: IntGaugeVec,
     /// Connections closed because they did not start with a valid PROXY protocol header
     /// (`proxy_protocol: true`).
     pub proxy_protocol_errors: IntCounter,
@@ -277,6 +280,21 @@ impl Metrics {
                 )
                 .expect("valid metric");
                 r.register(Box::new(g.clone())).expect("registered once");
+                g
+            },
+            client_http_connections_active: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "wsbeat_client_http_connections_active",
+                        "Client HTTP connections open now, by HTTP version (1.1, 2).",
+                    ),
+                    &["version"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("registered once");
+                for version in ["1.1", "2"] {
+                    g.with_label_values(&[version]);
+                }
                 g
             },
             proxy_protocol_errors: {

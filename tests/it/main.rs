@@ -19,6 +19,7 @@ mod haproxy;
 mod heartbeat;
 mod hostile;
 mod http;
+mod http2;
 mod http_pool;
 mod limits;
 mod metrics;

@@ -57,6 +57,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("wsbeat_http_request_duration_seconds", "histogram"),
     ("wsbeat_upstream_retries_total", "counter"),
     ("wsbeat_tcp_connections_active", "gauge"),
+    ("wsbeat_client_http_connections_active", "gauge"),
     ("wsbeat_proxy_protocol_errors_total", "counter"),
     ("wsbeat_handshakes_rejected_total", "counter"),
     ("wsbeat_tls_handshake_errors_total", "counter"),

@@ -1,0 +1,423 @@
+//! HTTP/2 on the client leg (`http2: true`): WebSockets as RFC 8441 extended CONNECT
+//! streams, many on one connection, over h2c and TLS; the same checks, relay, liveness
+//! and close codes as over HTTP/1.1; GOAWAY on drain; and nothing new with `http2: false`.
+
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use crate::hostile::bad_frame_table;
+use crate::tls::{tls_connect, Ca, TempDir};
+use futures_util::{SinkExt, StreamExt};
+use hyper::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+const STREAMS: usize = 50;
+
+/// The next message on an HTTP/2 WebSocket, or a panic after PATIENCE.
+async fn recv2(ws: &mut H2Ws) -> Message {
+    tokio::time::timeout(PATIENCE, ws.next())
+        .await
+        .expect("message in time")
+        .expect("stream open")
+        .expect("no error")
+}
+
+/// The next data message, heartbeats and control frames skipped.
+async fn recv_data2(ws: &mut H2Ws) -> Message {
+    loop {
+        match recv2(ws).await {
+            Message::Text(t) if t.as_str() == HB => continue,
+            Message::Ping(_) | Message::Pong(_) => continue,
+            m => return m,
+        }
+    }
+}
+
+/// Reads until a heartbeat arrives.
+async fn recv_heartbeat(ws: &mut H2Ws) {
+    loop {
+        if let Message::Text(t) = recv2(ws).await {
+            if t.as_str() == HB {
+                return;
+            }
+        }
+    }
+}
+
+/// Reads until the close frame; returns its code.
+async fn recv_close_code(ws: &mut H2Ws) -> Option<CloseCode> {
+    loop {
+        if let Message::Close(frame) = recv2(ws).await {
+            return frame.map(|f| f.code);
+        }
+    }
+}
+
+fn fast_heartbeats(c: &mut wsbeat::config::Config) {
+    c.http2 = true;
+    c.heartbeat.interval = ms(100);
+}
+
+/// Opens STREAMS WebSockets on `client`; each echoes its own message and gets a
+/// heartbeat; then all are closed cleanly.
+async fn fifty_streams(client: &mut H2Client, backend: &mut Backend) {
+    let mut sockets = Vec::new();
+    for _ in 0..STREAMS {
+        sockets.push(client.websocket("/chat").await);
+    }
+    let mut set = JoinSet::new();
+    for (i, mut ws) in sockets.into_iter().enumerate() {
+        set.spawn(async move {
+            let msg = Message::text(format!("stream {i}"));
+            ws.send(msg.clone()).await.unwrap();
+            assert_eq!(recv_data2(&mut ws).await, msg);
+            recv_heartbeat(&mut ws).await;
+            ws.send(Message::binary(vec![i as u8; 70_000]))
+                .await
+                .unwrap();
+            assert_eq!(
+                recv_data2(&mut ws).await,
+                Message::binary(vec![i as u8; 70_000])
+            );
+            ws.close(Some(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "done".into(),
+            }))
+            .await
+            .unwrap();
+            // The close handshake completes and the stream ends.
+            loop {
+                match tokio::time::timeout(PATIENCE, ws.next())
+                    .await
+                    .expect("the stream ends in time")
+                {
+                    None | Some(Err(_)) => break,
+                    Some(Ok(_)) => continue,
+                }
+            }
+        });
+    }
+    while let Some(done) = set.join_next().await {
+        done.unwrap();
+    }
+    let mut handshakes = 0;
+    let mut closes = 0;
+    while closes < STREAMS {
+        match backend.next().await {
+            Seen::Handshake { headers, .. } => {
+                handshakes += 1;
+                // The upstream leg is HTTP/1.1 with wsbeat's own key and a Host.
+                assert!(headers.contains_key("sec-websocket-key"));
+                assert!(headers.contains_key("host"));
+            }
+            Seen::Closed { frame: Some(f), .. } => {
+                assert_eq!(f.code, CloseCode::Normal);
+                closes += 1;
+            }
+            Seen::Message { .. } => {}
+            other => panic!("the backend saw {other:?}"),
+        }
+    }
+    assert_eq!(handshakes, STREAMS);
+}
+
+#[tokio::test]
+async fn fifty_websockets_on_one_h2c_connection_echo_and_get_heartbeats() {
+    let mut backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, fast_heartbeats).await;
+    let mut client = H2Client::h2c(proxy.addr).await;
+    fifty_streams(&mut client, &mut backend).await;
+    // The connection is still usable afterwards.
+    let mut ws = client.websocket("/again").await;
+    ws.send(Message::text("again")).await.unwrap();
+    assert_eq!(recv_data2(&mut ws).await, Message::text("again"));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn fifty_websockets_on_one_tls_connection_that_chose_h2() {
+    let ca = Ca::new("test CA");
+    let leaf = ca.leaf(&["localhost"], 1);
+    let dir = TempDir::new();
+    let tls = dir.tls(&leaf);
+    let mut backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |c| {
+        fast_heartbeats(c);
+        c.tls = Some(tls);
+    })
+    .await;
+    let stream = tls_connect(proxy.addr, &ca).await.unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let mut client = H2Client::handshake(stream, &format!("localhost:{}", proxy.addr.port())).await;
+    fifty_streams(&mut client, &mut backend).await;
+}
+
+#[tokio::test]
+async fn a_silent_stream_is_closed_by_liveness_while_the_others_on_its_connection_live_on() {
+    let mut backend = Backend::echo().await;
+    let (ping, timeout) = (100, 600);
+    let proxy = Proxy::start(backend.addr, |c| {
+        fast_heartbeats(c);
+        c.liveness.ping_interval = ms(ping);
+        c.liveness.timeout = ms(timeout);
+    })
+    .await;
+    let mut client = H2Client::h2c(proxy.addr).await;
+    let mut silent = client.websocket("/silent").await;
+    // Its handshake is the first the backend sees.
+    assert!(matches!(
+        backend.next().await,
+        Seen::Handshake { conn: 0, .. }
+    ));
+    let mut lively = Vec::new();
+    for _ in 0..5 {
+        let ws = client.websocket("/lively").await;
+        // Each reads all the time, so its client answers PINGs; told to stop, it hands
+        // its socket back.
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut ws = ws;
+            tokio::pin!(stopped);
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return ws,
+                    m = ws.next() => match m {
+                        Some(Ok(Message::Close(f))) => panic!("a lively stream was closed: {f:?}"),
+                        Some(Ok(_)) => {}
+                        other => panic!("a lively stream ended: {other:?}"),
+                    },
+                }
+            }
+        });
+        lively.push((stop, task));
+    }
+    let went_silent = Instant::now();
+    // The backend is told the silent client went away (1001)…
+    match backend.next_after_handshake().await {
+        Seen::Closed {
+            conn: 0,
+            frame: Some(f),
+        } => assert_eq!(f.code, CloseCode::Away),
+        other => panic!("the backend saw {other:?}"),
+    }
+    let after = went_silent.elapsed();
+    assert!(
+        after >= Duration::from_millis(timeout) - Duration::from_millis(50),
+        "closed after {after:?}, before the liveness timeout"
+    );
+    // …and the silent client, reading again, finds the 1001 and its stream ended.
+    assert_eq!(recv_close_code(&mut silent).await, Some(CloseCode::Away));
+    // The others lived on through three more timeouts, and still echo.
+    let mut lively_again = Vec::new();
+    tokio::time::sleep(Duration::from_millis(3 * timeout)).await;
+    for (stop, task) in lively {
+        stop.send(()).unwrap();
+        lively_again.push(task.await.unwrap());
+    }
+    for ws in &mut lively_again {
+        ws.send(Message::text("alive")).await.unwrap();
+        assert_eq!(recv_data2(ws).await, Message::text("alive"));
+    }
+}
+
+#[tokio::test]
+async fn invalid_frames_on_an_h2_stream_get_the_close_codes_they_get_over_http1() {
+    let mut backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |c| {
+        c.http2 = true;
+        c.limits.max_message_size = wsbeat::config::ByteSize(1024);
+        c.heartbeat.message = None;
+    })
+    .await;
+    let mut client = H2Client::h2c(proxy.addr).await;
+    for case in bad_frame_table() {
+        let mut raw = client.raw("/").await;
+        raw.write_all(&case.wire).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(PATIENCE, raw.read_to_end(&mut answer))
+            .await
+            .expect("the stream ends in time")
+            .expect("the stream ends, not reset");
+        assert_eq!(
+            close_code_in(&answer),
+            Some(case.code),
+            "{}: wsbeat sent {answer:?}",
+            case.what
+        );
+        match backend.next_after_handshake().await {
+            Seen::Closed { frame: Some(f), .. } => {
+                assert_eq!(f.code, CloseCode::Away, "{}", case.what)
+            }
+            other => panic!("{}: the backend saw {other:?}", case.what),
+        }
+    }
+    // Every bad stream ended on one connection, which still serves.
+    let mut ws = client.websocket("/").await;
+    ws.send(Message::text("still serving")).await.unwrap();
+    assert_eq!(recv_data2(&mut ws).await, Message::text("still serving"));
+}
+
+#[tokio::test]
+async fn an_extended_connect_gets_the_checks_and_errors_of_an_upgrade() {
+    let mut backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |c| {
+        c.http2 = true;
+        c.allowed_origins = Some(vec!["https://app.example".to_owned()]);
+        c.limits.max_connections_per_ip = Some(2);
+    })
+    .await;
+    let mut client = H2Client::h2c(proxy.addr).await;
+    let status = |r: Result<H2Io, hyper::Response<hyper::body::Incoming>>| match r {
+        Ok(_) => StatusCode::OK,
+        Err(r) => r.status(),
+    };
+    let v13 = ("sec-websocket-version", "13");
+    // A foreign Origin: 403.
+    let r = client
+        .connect_with(
+            "/",
+            Some("websocket"),
+            &[v13, ("origin", "https://evil.example")],
+        )
+        .await;
+    assert_eq!(status(r), StatusCode::FORBIDDEN);
+    // Another version: 426 naming 13.
+    let r = client
+        .connect_with("/", Some("websocket"), &[("sec-websocket-version", "8")])
+        .await;
+    let r = r.expect_err("refused");
+    assert_eq!(r.status(), StatusCode::UPGRADE_REQUIRED);
+    assert_eq!(r.headers()["sec-websocket-version"], "13");
+    // A plain CONNECT (no :protocol) is a tunnel request: 405, as over HTTP/1.1.
+    let r = client.connect_with("/", None, &[v13]).await;
+    assert_eq!(status(r), StatusCode::METHOD_NOT_ALLOWED);
+    // The subprotocol is the upstream's choice, passed on in the 200.
+    let r = client
+        .connect_with(
+            "/",
+            Some("websocket"),
+            &[v13, ("sec-websocket-protocol", "one, two")],
+        )
+        .await;
+    assert!(r.is_ok());
+    let seen = backend.next().await;
+    assert!(matches!(seen, Seen::Handshake { .. }), "{seen:?}");
+    // Per-IP limits count streams: two are open (the one above and this), a third is 429.
+    let _second = client.raw("/").await;
+    let r = client.connect_with("/", Some("websocket"), &[v13]).await;
+    let r = r.expect_err("refused");
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(r.headers().contains_key("retry-after"));
+}
+
+#[tokio::test]
+async fn the_upstreams_subprotocol_comes_back_in_the_200() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |c| c.http2 = true).await;
+    let mut client = H2Client::h2c(proxy.addr).await;
+    let scheme = "http";
+    let mut req = hyper::Request::builder()
+        .method(hyper::Method::CONNECT)
+        .uri(format!("{scheme}://{}/", proxy.addr))
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-protocol", "one, two")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let response = tokio::time::timeout(PATIENCE, client.send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // The test backend picks the last one offered.
+    assert_eq!(response.headers()["sec-websocket-protocol"], "two");
+    assert!(!response.headers().contains_key("sec-websocket-accept"));
+}
+
+#[tokio::test]
+async fn with_http2_off_an_h2c_preface_is_closed_without_a_response_as_before() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |_| {}).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    assert_eq!(read_until_closed(&mut s).await, b"");
+    // And HTTP/1.1 is served as ever.
+    let mut client = connect(&proxy.url("/")).await;
+    echo_roundtrip(&mut client, Message::text("http/1.1")).await;
+}
+
+#[tokio::test]
+async fn http1_clients_are_served_as_ever_with_http2_on() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |c| c.http2 = true).await;
+    let mut client = connect(&proxy.url("/")).await;
+    echo_roundtrip(&mut client, Message::text("http/1.1")).await;
+    // A request whose method starts like the preface's first byte.
+    let r = raw_request(
+        proxy.addr,
+        "PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_ne!(r.status, 0);
+}
+
+#[tokio::test]
+async fn sigterm_sends_goaway_then_1001_on_every_stream() {
+    let backend = Backend::echo().await;
+    let wsbeat = WsbeatProcess::start(backend.addr, "http2: true\n");
+    let mut client = H2Client::h2c(wsbeat.addr).await;
+    let mut sockets = Vec::new();
+    for _ in 0..3 {
+        let mut ws = client.websocket("/").await;
+        ws.send(Message::text("before")).await.unwrap();
+        assert_eq!(recv_data2(&mut ws).await, Message::text("before"));
+        sockets.push(ws);
+    }
+    signal(wsbeat.child.id(), "TERM");
+    for ws in &mut sockets {
+        assert_eq!(recv_close_code(ws).await, Some(CloseCode::Away));
+    }
+    // GOAWAY came first: no new stream is taken.
+    let refused = tokio::time::timeout(PATIENCE, async {
+        if client.send.ready().await.is_err() {
+            return true;
+        }
+        let scheme = "http";
+        let mut req = hyper::Request::builder()
+            .method(hyper::Method::CONNECT)
+            .uri(format!("{scheme}://{}/", wsbeat.addr))
+            .header("sec-websocket-version", "13")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        client.send.send_request(req).await.is_err()
+    });
+    assert!(
+        refused.await.unwrap_or(false),
+        "a stream opened after GOAWAY"
+    );
+    for mut ws in sockets {
+        let _ = ws.close(None).await;
+    }
+    let status = tokio::task::spawn_blocking(move || {
+        let mut wsbeat = wsbeat;
+        wsbeat.child.wait().unwrap()
+    });
+    let status = tokio::time::timeout(PATIENCE, status)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    // And the connection is closed.
+    let ended = tokio::time::timeout(PATIENCE, client.conn).await;
+    assert!(ended.is_ok(), "the HTTP/2 connection outlived wsbeat");
+}

@@ -421,3 +421,162 @@ async fn sigterm_sends_goaway_then_1001_on_every_stream() {
     let ended = tokio::time::timeout(PATIENCE, client.conn).await;
     assert!(ended.is_ok(), "the HTTP/2 connection outlived wsbeat");
 }
+
+#[ignore = "needs root, iproute2, Python prometheus_client and promtool: run as root; apt-get install iproute2 prometheus; python3 -m pip install prometheus_client"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_connection_ends_all_its_streams_as_client_dead_within_timeout_and_a_second() {
+    use crate::netns::{assert_root, sockets_in, sweep_stale_namespaces, veth_pair, SERVER_IP};
+    assert_root();
+    sweep_stale_namespaces();
+    let (server_ns, client_ns) = veth_pair();
+    let timeout = Duration::from_secs(2);
+    let mut backend = Backend::echo().await;
+    let listen = server_ns.enter(|| {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(std::net::SocketAddr::from((SERVER_IP, 0))).unwrap();
+        s
+    });
+    let listener = listen.listen(64).unwrap();
+    let server = listener.local_addr().unwrap();
+    let proxy = Proxy::start_on(listener, backend.addr, |c| {
+        c.http2 = true;
+        c.liveness.ping_interval = ms(500);
+        c.liveness.timeout = ms(timeout.as_millis() as u64);
+        c.heartbeat.interval = ms(200);
+    })
+    .await;
+    let socket = sockets_in(&client_ns, 1).pop().unwrap();
+    let tcp = tokio::time::timeout(PATIENCE, socket.connect(server))
+        .await
+        .expect("TCP connect in time")
+        .expect("TCP connect");
+    let mut client = H2Client::handshake(tcp, &server.to_string()).await;
+    // Every stream is read all the time, so it answers PINGs until the link goes.
+    let mut readers = JoinSet::new();
+    for _ in 0..STREAMS {
+        let mut ws = client.websocket("/cut").await;
+        readers.spawn(async move { while let Some(Ok(_)) = ws.next().await {} });
+    }
+    let mut conns = std::collections::BTreeSet::new();
+    while conns.len() < STREAMS {
+        if let Seen::Handshake { conn, .. } = backend.next().await {
+            conns.insert(conn);
+        }
+    }
+    // Let them live through a few PINGs first.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    ip_link_down(&client_ns.name);
+    let dropped = Instant::now();
+    let mut closed = std::collections::BTreeMap::new();
+    while closed.len() < STREAMS {
+        match backend.next_after_handshake().await {
+            Seen::Message { .. } => {}
+            Seen::Closed { conn, frame } if conns.contains(&conn) => {
+                assert_eq!(frame.map(|f| f.code), Some(CloseCode::Away), "conn {conn}");
+                assert!(closed.insert(conn, dropped.elapsed()).is_none());
+            }
+            other => panic!("after the cut the backend saw {other:?}"),
+        }
+    }
+    let last = closed.values().max().copied().unwrap();
+    let first = closed.values().min().copied().unwrap();
+    eprintln!("FIGURES h2 cut: {STREAMS} streams of one connection ended between {first:?} and {last:?} after the cut");
+    assert!(
+        last <= timeout + Duration::from_secs(1),
+        "the last stream ended {last:?} after the cut (bound: timeout + 1 s)"
+    );
+    // Each relay counts its ending once its client's close grace is over.
+    let dead = metric_at_least(
+        proxy.admin,
+        "wsbeat_connections_total",
+        &[("route", "default"), ("outcome", "client_dead")],
+        STREAMS as f64,
+        PATIENCE,
+    )
+    .await;
+    assert_eq!(dead, STREAMS as f64, "every stream counted client_dead");
+    for outcome in ["client_close", "error"] {
+        let n = metric(
+            proxy.admin,
+            "wsbeat_connections_total",
+            &[("route", "default"), ("outcome", outcome)],
+        )
+        .await;
+        assert_eq!(n, 0.0, "{outcome}");
+    }
+    drop(client);
+    readers.abort_all();
+}
+
+fn ip_link_down(ns: &str) {
+    crate::netns::ip(&["-n", ns, "link", "set", "veth-cli", "down"]);
+}
+
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
+#[tokio::test]
+async fn client_http_connections_are_counted_by_version() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |c| c.http2 = true).await;
+    let version = |v: &'static str| {
+        let admin = proxy.admin;
+        async move {
+            metric(
+                admin,
+                "wsbeat_client_http_connections_active",
+                &[("version", v)],
+            )
+            .await
+        }
+    };
+    assert_eq!(version("1.1").await, 0.0);
+    assert_eq!(version("2").await, 0.0);
+    let mut h2 = H2Client::h2c(proxy.addr).await;
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        streams.push(h2.websocket("/").await);
+    }
+    let mut h1 = connect(&proxy.url("/")).await;
+    echo_roundtrip(&mut h1, Message::text("h1")).await;
+    // One HTTP/2 connection with three WebSockets, one HTTP/1.1 connection with one.
+    assert_eq!(version("2").await, 1.0);
+    assert_eq!(version("1.1").await, 1.0);
+    assert_eq!(
+        metric(
+            proxy.admin,
+            "wsbeat_connections_active",
+            &[("route", "default")]
+        )
+        .await,
+        4.0
+    );
+    drop(streams);
+    drop(h2);
+    h1.close(None).await.unwrap();
+    while let Some(Ok(_)) = h1.next().await {}
+    let admin = proxy.admin;
+    let gone = tokio::time::timeout(PATIENCE, async move {
+        loop {
+            let open = metric(
+                admin,
+                "wsbeat_client_http_connections_active",
+                &[("version", "2")],
+            )
+            .await
+                + metric(
+                    admin,
+                    "wsbeat_client_http_connections_active",
+                    &[("version", "1.1")],
+                )
+                .await;
+            if open == 0.0 {
+                return;
+            }
+            // The retry interval of a poll bounded by PATIENCE, not a synchronisation.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    assert!(
+        gone.await.is_ok(),
+        "closed connections are no longer counted"
+    );
+}

@@ -88,6 +88,9 @@ pub struct Metrics {
     pub http_request_duration: HistogramVec,
     /// Plain HTTP requests sent again on a new connection after a reused one failed.
     pub upstream_retries: IntCounterVec,
+    /// Plain HTTP requests from HTTP/2 clients whose trailers were dropped on the way to
+    /// the HTTP/1.1 upstream.
+    pub http2_trailers_dropped: IntCounterVec,
     /// TLS handshakes that failed, by `leg` (a client that sends nothing and closes is
     /// not counted; one that sends nothing until `limits.handshake_timeout` is).
     pub tls_handshake_errors: IntCounterVec,
@@ -267,6 +270,12 @@ impl Metrics {
                 "Plain HTTP requests sent again on a new connection after a reused pooled one failed before the response.",
                 &["route"],
             ),
+            http2_trailers_dropped: counter(
+                &r,
+                "wsbeat_http2_trailers_dropped_total",
+                "Plain HTTP requests from HTTP/2 clients whose trailers were dropped on the way to the HTTP/1.1 upstream.",
+                &["route"],
+            ),
             tls_handshake_errors: counter(
                 &r,
                 "wsbeat_tls_handshake_errors_total",
@@ -378,6 +387,7 @@ impl Metrics {
             self.http_requests.with_label_values(&[name, "101"]);
             self.http_request_duration.with_label_values(&[name]);
             self.upstream_retries.with_label_values(&[name]);
+            self.http2_trailers_dropped.with_label_values(&[name]);
             for outcome in Outcome::ALL {
                 self.connections_total
                     .with_label_values(&[name, outcome.as_str()]);
@@ -583,6 +593,7 @@ mod tests {
             "wsbeat_http_requests_total",
             "wsbeat_http_request_duration_seconds",
             "wsbeat_upstream_retries_total",
+            "wsbeat_http2_trailers_dropped_total",
             "wsbeat_handshakes_rejected_total",
         ] {
             assert!(

@@ -503,7 +503,17 @@ impl Proxy {
             return r;
         }
         let started = tokio::time::Instant::now();
-        let response = match runtime.passthrough.forward(req, info, route).await {
+        // HTTP/2 trailers cannot go over the HTTP/1.1 pool: dropped and counted.
+        let drop_trailers = (req.version() == hyper::Version::HTTP_2).then(|| {
+            self.metrics
+                .http2_trailers_dropped
+                .with_label_values(&[&route.name])
+        });
+        let response = match runtime
+            .passthrough
+            .forward(req, info, route, drop_trailers)
+            .await
+        {
             Ok(response) => response.map(|body| body.boxed()),
             Err(e) => {
                 let (status, reason) = e.status_and_reason();

@@ -169,6 +169,8 @@ async fn a_silent_stream_is_closed_by_liveness_while_the_others_on_its_connectio
     .await;
     let mut client = H2Client::h2c(proxy.addr).await;
     let mut silent = client.websocket("/silent").await;
+    // Never read from here on: its client answers no PING.
+    let went_silent = Instant::now();
     // Its handshake is the first the backend sees.
     assert!(matches!(
         backend.next().await,
@@ -196,7 +198,6 @@ async fn a_silent_stream_is_closed_by_liveness_while_the_others_on_its_connectio
         });
         lively.push((stop, task));
     }
-    let went_silent = Instant::now();
     // The backend is told the silent client went away (1001)…
     match backend.next_after_handshake().await {
         Seen::Closed {
@@ -579,4 +580,131 @@ async fn client_http_connections_are_counted_by_version() {
         gone.await.is_ok(),
         "closed connections are no longer counted"
     );
+}
+
+/// An HTTP/2 client for plain requests with bodies (h2c prior knowledge).
+async fn h2_http_client(
+    addr: std::net::SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<crate::http::Body> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("HTTP/2 handshake");
+    tokio::spawn(conn);
+    send
+}
+
+/// Sends `req` and returns the status, headers and whole body as text.
+async fn h2_exchange(
+    send: &mut hyper::client::conn::http2::SendRequest<crate::http::Body>,
+    req: hyper::Request<crate::http::Body>,
+) -> (StatusCode, hyper::HeaderMap, String) {
+    use http_body_util::BodyExt;
+    let response = tokio::time::timeout(PATIENCE, send.send_request(req))
+        .await
+        .expect("response in time")
+        .expect("a response");
+    assert_eq!(response.version(), hyper::Version::HTTP_2);
+    let (parts, body) = response.into_parts();
+    let body = tokio::time::timeout(PATIENCE, body.collect())
+        .await
+        .expect("body in time")
+        .expect("a whole body")
+        .to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+/// A body of `data` followed by trailers.
+fn body_with_trailers(data: &'static str) -> crate::http::Body {
+    use http_body_util::BodyExt;
+    let mut trailers = hyper::HeaderMap::new();
+    trailers.insert("x-checksum", hyper::header::HeaderValue::from_static("abc"));
+    let frames: Vec<
+        Result<hyper::body::Frame<bytes::Bytes>, Box<dyn std::error::Error + Send + Sync>>,
+    > = vec![
+        Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+            data.as_bytes(),
+        ))),
+        Ok(hyper::body::Frame::trailers(trailers)),
+    ];
+    BodyExt::boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
+        frames,
+    )))
+}
+
+#[tokio::test]
+async fn plain_http_over_h2_goes_to_the_http1_pool_with_bodies_streamed() {
+    use crate::http::{full, pattern_body, HttpBackend};
+    let backend = HttpBackend::start("one").await;
+    let proxy = Proxy::start(backend.addr, |c| c.http2 = true).await;
+    let mut send = h2_http_client(proxy.addr).await;
+    let authority = proxy.addr.to_string();
+    let scheme = "http";
+    let uri = |path: &str| format!("{scheme}://{authority}{path}");
+    // The upstream gets HTTP/1.1 with a Host made from :authority.
+    let req = hyper::Request::get(uri("/headers")).body(full("")).unwrap();
+    let (status, headers, text) = h2_exchange(&mut send, req).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["x-backend"], "one");
+    assert!(text.starts_with("GET /headers\n"), "{text}");
+    assert!(text.contains(&format!("host: {authority}\n")), "{text}");
+    // Statuses and bodies pass; a 4 MiB upload streams through byte for byte.
+    let req = hyper::Request::get(uri("/status/418"))
+        .body(full(""))
+        .unwrap();
+    let (status, headers, _) = h2_exchange(&mut send, req).await;
+    assert_eq!(status, StatusCode::IM_A_TEAPOT);
+    assert_eq!(headers["x-teapot"], "yes");
+    let req = hyper::Request::post(uri("/check"))
+        .body(pattern_body(4 << 20, 16 << 10))
+        .unwrap();
+    let (status, _, text) = h2_exchange(&mut send, req).await;
+    assert_eq!((status, text.as_str()), (StatusCode::OK, "ok 4194304"));
+    // A body with trailers arrives without them.
+    let req = hyper::Request::post(uri("/echo"))
+        .body(body_with_trailers("with trailers"))
+        .unwrap();
+    let (status, _, text) = h2_exchange(&mut send, req).await;
+    assert_eq!((status, text.as_str()), (StatusCode::OK, "with trailers"));
+    // Several requests at once on the one connection.
+    let mut set = JoinSet::new();
+    for _ in 0..20 {
+        let mut send = send.clone();
+        let req = hyper::Request::get(uri("/hello")).body(full("")).unwrap();
+        set.spawn(async move { h2_exchange(&mut send, req).await });
+    }
+    while let Some(done) = set.join_next().await {
+        let (status, _, text) = done.unwrap();
+        assert_eq!((status, text.as_str()), (StatusCode::OK, "hello from one"));
+    }
+}
+
+#[ignore = "needs Python prometheus_client and promtool: python3 -m pip install prometheus_client; apt-get install prometheus"]
+#[tokio::test]
+async fn trailers_from_http2_clients_are_dropped_and_counted() {
+    let backend = crate::http::HttpBackend::start("one").await;
+    let proxy = Proxy::start(backend.addr, |c| c.http2 = true).await;
+    let mut send = h2_http_client(proxy.addr).await;
+    let scheme = "http";
+    for _ in 0..3 {
+        let req = hyper::Request::post(format!("{scheme}://{}/echo", proxy.addr))
+            .body(body_with_trailers("abc"))
+            .unwrap();
+        let (status, _, text) = h2_exchange(&mut send, req).await;
+        assert_eq!((status, text.as_str()), (StatusCode::OK, "abc"));
+    }
+    let dropped = metric(
+        proxy.admin,
+        "wsbeat_http2_trailers_dropped_total",
+        &[("route", "default")],
+    )
+    .await;
+    assert_eq!(dropped, 3.0);
 }

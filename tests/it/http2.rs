@@ -708,3 +708,68 @@ async fn trailers_from_http2_clients_are_dropped_and_counted() {
     .await;
     assert_eq!(dropped, 3.0);
 }
+
+const IDLE_SOCKETS: usize = 1000;
+
+/// Opens IDLE_SOCKETS WebSockets through `wsbeat` (over HTTP/2 streams, 100 a connection,
+/// or one HTTP/1.1 connection each), each read all the time so it answers PINGs; holds
+/// them while heartbeats flow; returns wsbeat's RSS growth per socket, in bytes.
+async fn rss_per_idle_socket(over_h2: bool) -> u64 {
+    let bin = std::env::var("WSBEAT_MEASURE_BIN").unwrap_or_else(|_| WSBEAT_BIN.to_owned());
+    let mut backend = Backend::echo().await;
+    let wsbeat = WsbeatProcess::start_bin(
+        &bin,
+        backend.addr,
+        "http2: true\nheartbeat: { interval: 1s }\nliveness: { ping_interval: 2s, timeout: 10s }\n",
+    );
+    // One connection first, so what the first connection brings (buffers, pools) is not
+    // counted per socket.
+    let warm = connect(&wsbeat.url("/warm")).await;
+    let before = wsbeat.rss_kib();
+    let mut readers = JoinSet::new();
+    let mut clients = Vec::new();
+    if over_h2 {
+        for _ in 0..IDLE_SOCKETS / 100 {
+            let mut client = H2Client::h2c(wsbeat.addr).await;
+            for _ in 0..100 {
+                let mut ws = client.websocket("/idle").await;
+                readers.spawn(async move { while let Some(Ok(_)) = ws.next().await {} });
+            }
+            clients.push(client);
+        }
+    } else {
+        for _ in 0..IDLE_SOCKETS {
+            let mut ws = connect(&wsbeat.url("/idle")).await;
+            readers.spawn(async move { while let Some(Ok(_)) = ws.next().await {} });
+        }
+    }
+    let mut handshakes = 0;
+    while handshakes < IDLE_SOCKETS + 1 {
+        if let Seen::Handshake { .. } = backend.next().await {
+            handshakes += 1;
+        }
+    }
+    // Held through a few heartbeats and PINGs, as the bench's idle runs are.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = wsbeat.rss_kib();
+    drop(warm);
+    readers.abort_all();
+    after.saturating_sub(before) * 1024 / IDLE_SOCKETS as u64
+}
+
+#[ignore = "a measurement for bench/RESULTS.md (2,000 sockets, about 30 s): WSBEAT_MEASURE_BIN=target/release/wsbeat cargo test --test it rss_per_idle -- --ignored --nocapture"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rss_per_idle_websocket_over_h2_streams_and_over_http1() {
+    crate::netns::ensure_open_files(8192);
+    let h1 = rss_per_idle_socket(false).await;
+    let h2 = rss_per_idle_socket(true).await;
+    eprintln!(
+        "FIGURES rss per idle WebSocket ({IDLE_SOCKETS} each way): HTTP/1.1 {h1} B, HTTP/2 streams (100 a connection) {h2} B"
+    );
+    for (what, bytes) in [("HTTP/1.1", h1), ("HTTP/2", h2)] {
+        assert!(
+            (1..64 * 1024).contains(&bytes),
+            "{what}: {bytes} B per idle WebSocket"
+        );
+    }
+}

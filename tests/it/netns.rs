@@ -161,7 +161,7 @@ pub(crate) fn sweep_stale_namespaces() {
 }
 
 /// Raises the soft open-files limit to the hard one if it is below `need`.
-fn ensure_open_files(need: u64) {
+pub(crate) fn ensure_open_files(need: u64) {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
     if soft < need {

@@ -773,3 +773,91 @@ async fn rss_per_idle_websocket_over_h2_streams_and_over_http1() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_lost_upstream_gets_its_stream_1011_and_ends_it() {
+    // The backend takes one message, then vanishes without a close frame.
+    let upstream = scripted_backend(|mut ws| async move {
+        let _ = ws.next().await;
+        drop(ws);
+    })
+    .await;
+    let proxy = Proxy::start(upstream, |c| c.http2 = true).await;
+    let mut client = H2Client::h2c(proxy.addr).await;
+    let mut ws = client.websocket("/").await;
+    ws.send(Message::text("bye")).await.unwrap();
+    assert_eq!(recv_close_code(&mut ws).await, Some(CloseCode::Error));
+    let ended = tokio::time::timeout(PATIENCE, async {
+        while let Some(Ok(_)) = ws.next().await {}
+    });
+    assert!(ended.await.is_ok(), "the stream ends");
+}
+
+#[tokio::test]
+async fn max_streams_per_connection_holds_a_stream_back_until_one_closes() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, |c| {
+        c.http2 = true;
+        c.limits.max_streams_per_connection = 2;
+    })
+    .await;
+    let mut client = H2Client::h2c(proxy.addr).await;
+    let first = client.websocket("/").await;
+    let _second = client.websocket("/").await;
+    // The third waits for a stream of the two (SETTINGS_MAX_CONCURRENT_STREAMS 2).
+    let mut third_client = H2Client {
+        send: client.send.clone(),
+        conn: tokio::spawn(async { Ok(()) }),
+        authority: proxy.addr.to_string(),
+    };
+    let third = tokio::spawn(async move { third_client.websocket("/").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!third.is_finished(), "a third stream opened past the limit");
+    drop(first);
+    let mut third = tokio::time::timeout(PATIENCE, third)
+        .await
+        .expect("the third stream opens once one closed")
+        .unwrap();
+    third.send(Message::text("third")).await.unwrap();
+    assert_eq!(recv_data2(&mut third).await, Message::text("third"));
+}
+
+#[tokio::test]
+async fn a_connection_that_answers_no_http2_ping_is_closed_after_liveness_timeout() {
+    let backend = Backend::echo().await;
+    let (ping, timeout) = (Duration::from_millis(200), Duration::from_millis(600));
+    let proxy = Proxy::start(backend.addr, |c| {
+        c.http2 = true;
+        c.liveness.ping_interval = ms(ping.as_millis() as u64);
+        c.liveness.timeout = ms(timeout.as_millis() as u64);
+        // Neither idle clock may close it first.
+        c.limits.handshake_timeout = ms(30_000);
+    })
+    .await;
+    // A client that sends the preface and its SETTINGS, then never answers anything.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let received = read_until_closed(&mut s).await;
+    let after = started.elapsed();
+    // What wsbeat sent: frames, one of which a PING (type 6) without ACK.
+    let mut at = 0;
+    let mut pings = 0;
+    while at + 9 <= received.len() {
+        let len = usize::from(received[at]) << 16
+            | usize::from(received[at + 1]) << 8
+            | usize::from(received[at + 2]);
+        if received[at + 3] == 6 && received[at + 4] & 1 == 0 {
+            pings += 1;
+        }
+        at += 9 + len;
+    }
+    assert!(pings >= 1, "no PING before the close: {received:?}");
+    assert!(
+        after >= ping + timeout - Duration::from_millis(50)
+            && after < ping + timeout + Duration::from_secs(2),
+        "closed {after:?} after the preface (PING every {ping:?}, timeout {timeout:?})"
+    );
+}

@@ -26,7 +26,7 @@ pub struct H2Client {
     pub send: SendRequest<Empty<Bytes>>,
     /// Ends with the connection, with how it ended.
     pub conn: JoinHandle<Result<(), hyper::Error>>,
-    authority: String,
+    pub authority: String,
 }
 
 impl H2Client {

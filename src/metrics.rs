@@ -272,7 +272,7 @@ impl Metrics {
             ),
             http2_trailers_dropped: counter(
                 &r,
-                "wsbeat_http2_trailers_dropped_total",
+                "wsbeat_request_trailers_dropped_total",
                 "Plain HTTP requests from HTTP/2 clients whose trailers were dropped on the way to the HTTP/1.1 upstream.",
                 &["route"],
             ),
@@ -593,7 +593,7 @@ mod tests {
             "wsbeat_http_requests_total",
             "wsbeat_http_request_duration_seconds",
             "wsbeat_upstream_retries_total",
-            "wsbeat_http2_trailers_dropped_total",
+            "wsbeat_request_trailers_dropped_total",
             "wsbeat_handshakes_rejected_total",
         ] {
             assert!(

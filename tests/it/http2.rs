@@ -702,7 +702,7 @@ async fn trailers_from_http2_clients_are_dropped_and_counted() {
     }
     let dropped = metric(
         proxy.admin,
-        "wsbeat_http2_trailers_dropped_total",
+        "wsbeat_request_trailers_dropped_total",
         &[("route", "default")],
     )
     .await;

@@ -56,7 +56,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("wsbeat_http_requests_total", "counter"),
     ("wsbeat_http_request_duration_seconds", "histogram"),
     ("wsbeat_upstream_retries_total", "counter"),
-    ("wsbeat_http2_trailers_dropped_total", "counter"),
+    ("wsbeat_request_trailers_dropped_total", "counter"),
     ("wsbeat_tcp_connections_active", "gauge"),
     ("wsbeat_client_http_connections_active", "gauge"),
     ("wsbeat_proxy_protocol_errors_total", "counter"),

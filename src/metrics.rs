@@ -88,11 +88,17 @@ pub struct Metrics {
     pub http_request_duration: HistogramVec,
     /// Plain HTTP requests sent again on a new connection after a reused one failed.
     pub upstream_retries: IntCounterVec,
+    /// Plain HTTP requests from HTTP/2 clients whose trailers were dropped on the way to
+    /// the HTTP/1.1 upstream.
+    pub http2_trailers_dropped: IntCounterVec,
     /// TLS handshakes that failed, by `leg` (a client that sends nothing and closes is
     /// not counted; one that sends nothing until `limits.handshake_timeout` is).
     pub tls_handshake_errors: IntCounterVec,
     /// Accepted client TCP connections open now (`limits.max_tcp_connections`).
     pub tcp_connections_active: IntGauge,
+    /// Client HTTP connections open now by protocol `version` (`1.1`, `2`): one HTTP/2
+    /// connection may carry many WebSockets (`http2: true`).
+    pub client_http_connections_active: IntGaugeVec,
     /// Connections closed because they did not start with a valid PROXY protocol header
     /// (`proxy_protocol: true`).
     pub proxy_protocol_errors: IntCounter,
@@ -266,6 +272,12 @@ impl Metrics {
                 "Plain HTTP requests sent again on a new connection after a reused pooled one failed before the response.",
                 &["route"],
             ),
+            http2_trailers_dropped: counter(
+                &r,
+                "wsbeat_request_trailers_dropped_total",
+                "Plain HTTP requests from HTTP/2 clients whose trailers were dropped on the way to the HTTP/1.1 upstream.",
+                &["route"],
+            ),
             tls_handshake_errors: counter(
                 &r,
                 "wsbeat_tls_handshake_errors_total",
@@ -279,6 +291,21 @@ impl Metrics {
                 )
                 .expect("valid metric");
                 r.register(Box::new(g.clone())).expect("registered once");
+                g
+            },
+            client_http_connections_active: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "wsbeat_client_http_connections_active",
+                        "Client HTTP connections open now, by HTTP version (1.1, 2).",
+                    ),
+                    &["version"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("registered once");
+                for version in ["1.1", "2"] {
+                    g.with_label_values(&[version]);
+                }
                 g
             },
             proxy_protocol_errors: {
@@ -376,6 +403,7 @@ impl Metrics {
             self.http_requests.with_label_values(&[name, "101"]);
             self.http_request_duration.with_label_values(&[name]);
             self.upstream_retries.with_label_values(&[name]);
+            self.http2_trailers_dropped.with_label_values(&[name]);
             for outcome in Outcome::ALL {
                 self.connections_total
                     .with_label_values(&[name, outcome.as_str()]);
@@ -582,6 +610,7 @@ mod tests {
             "wsbeat_http_requests_total",
             "wsbeat_http_request_duration_seconds",
             "wsbeat_upstream_retries_total",
+            "wsbeat_request_trailers_dropped_total",
             "wsbeat_handshakes_rejected_total",
         ] {
             assert!(

@@ -180,11 +180,14 @@ impl Passthrough {
     /// Sends the request to the route's upstream and returns its response, whose body
     /// streams as the upstream sends it. A request that meets a pooled connection the
     /// backend has closed goes once more on a new connection when `retry::may_retry` allows.
+    /// `drop_trailers`: the request came over HTTP/2; its trailers are dropped and
+    /// counted there.
     pub async fn forward(
         &self,
         req: Request<Incoming>,
         info: ClientInfo,
         route: &Route,
+        drop_trailers: Option<IntCounter>,
     ) -> Result<Response<Incoming>, ForwardError> {
         let scheme = if route.upstream.url.secure {
             "https"
@@ -199,7 +202,12 @@ impl Passthrough {
                 reason: format!("no client for route `{}`", route.name),
             });
         };
-        let exchange = client.send(upstream_request(req, info, &upstream), route, &upstream);
+        let exchange = client.send(
+            upstream_request(req, info, &upstream),
+            route,
+            &upstream,
+            drop_trailers,
+        );
         let response = match tokio::time::timeout(route.upstream.request_timeout.0, exchange).await
         {
             Err(_) => return Err(ForwardError::Timeout(upstream)),
@@ -251,9 +259,10 @@ impl RouteClient {
         req: Request<Incoming>,
         route: &Route,
         upstream: &str,
+        drop_trailers: Option<IntCounter>,
     ) -> Result<Response<Incoming>, ForwardError> {
         let (parts, body) = req.into_parts();
-        let (body, slot) = ClientBody::new(body);
+        let (body, slot) = ClientBody::new(body, drop_trailers.clone());
         let again = Request::from_parts(parts.clone(), ());
         let mut req = Request::from_parts(parts, body);
         let captured = hyper_util::client::legacy::connect::capture_connection(&mut req);
@@ -286,7 +295,7 @@ impl RouteClient {
         tracing::debug!(route = %route.name, method = %again.method(), "{why}: sending it on a new connection");
         self.retries.inc();
         let (parts, ()) = again.into_parts();
-        let (body, _) = ClientBody::new(body);
+        let (body, _) = ClientBody::new(body, drop_trailers);
         self.fresh
             .request(Request::from_parts(parts, body))
             .await

@@ -34,6 +34,7 @@ use crate::shutdown::CloseSpread;
 use crate::tls::{self, LegStream};
 use crate::upstream::{self, Dialed};
 
+mod h2;
 mod idle;
 use self::idle::{IdleClock, Tracked};
 
@@ -47,6 +48,34 @@ fn client_stream(upgraded: hyper::upgrade::Upgraded) -> Option<relay::Socket<Leg
         io: parts.io.into_inner().into_inner(),
         leftover: parts.read_buf,
     })
+}
+
+/// A WebSocket's client leg: the connection an HTTP/1.1 upgrade took over, or one
+/// stream of an HTTP/2 connection.
+enum ClientLeg {
+    Http1(relay::Socket<LegStream>),
+    Http2(relay::Socket<h2::StreamIo>),
+}
+
+/// The client leg of a finished upgrade: an HTTP/2 stream when the request came on one
+/// (`on_stream`), else the HTTP/1.1 connection's own stream.
+fn client_leg(
+    upgraded: hyper::upgrade::Upgraded,
+    on_stream: Option<h2::OnStream>,
+) -> Option<ClientLeg> {
+    match on_stream {
+        Some(on_stream) => Some(ClientLeg::Http2(relay::Socket {
+            io: h2::StreamIo::new(upgraded, on_stream),
+            leftover: Bytes::new(),
+        })),
+        None => client_stream(upgraded).map(ClientLeg::Http1),
+    }
+}
+
+/// Whether a request asks for a WebSocket: an HTTP/1.1 upgrade or an HTTP/2 extended
+/// CONNECT.
+fn is_websocket_request<B>(req: &Request<B>) -> bool {
+    is_upgrade_request(req.headers()) || h2::is_websocket_connect(req)
 }
 
 /// Response body type for everything the public listener answers.
@@ -248,6 +277,16 @@ impl Proxy {
                 None => return,
             },
         };
+        let http2 = runtime.config.http2
+            && match &stream {
+                LegStream::Tls(tls) => tls.get_ref().1.alpn_protocol() == Some(b"h2"),
+                LegStream::Plain(tcp) => h2::starts_with_preface(tcp, handshake_timeout).await,
+            };
+        if http2 {
+            slot.set_version(&self.metrics, "2");
+            return self.serve_h2(stream, addr, slot, runtime).await;
+        }
+        slot.set_version(&self.metrics, "1.1");
         let tls = matches!(stream, LegStream::Tls(_));
         let proxy = self.clone();
         let clock = IdleClock::new();
@@ -357,7 +396,7 @@ impl Proxy {
             }
             Err((reason, message)) => {
                 tracing::debug!(client = %info.client, target = %req.uri(), reason = %message, "request target refused");
-                if is_upgrade_request(req.headers()) {
+                if is_websocket_request(&req) {
                     self.count_rejection(&route, reason);
                 }
                 text(StatusCode::BAD_REQUEST, &message)
@@ -381,10 +420,16 @@ impl Proxy {
             return crate::client_script::respond(req.method(), req.headers())
                 .map(|body| body.map_err(|never| match never {}).boxed());
         }
-        if !is_upgrade_request(req.headers()) {
+        let over_h2 = h2::is_websocket_connect(&req);
+        if !over_h2 && !is_upgrade_request(req.headers()) {
             return self.forward_http(req, info, &route, runtime).await;
         }
-        if let Err(rejection) = check_handshake(&req) {
+        let checked = if over_h2 {
+            h2::check_connect(&req)
+        } else {
+            check_handshake(&req)
+        };
+        if let Err(rejection) = checked {
             self.count_rejection(&route, "bad_request");
             return rejection;
         }
@@ -458,7 +503,17 @@ impl Proxy {
             return r;
         }
         let started = tokio::time::Instant::now();
-        let response = match runtime.passthrough.forward(req, info, route).await {
+        // HTTP/2 trailers cannot go over the HTTP/1.1 pool: dropped and counted.
+        let drop_trailers = (req.version() == hyper::Version::HTTP_2).then(|| {
+            self.metrics
+                .http2_trailers_dropped
+                .with_label_values(&[&route.name])
+        });
+        let response = match runtime
+            .passthrough
+            .forward(req, info, route, drop_trailers)
+            .await
+        {
             Ok(response) => response.map(|body| body.boxed()),
             Err(e) => {
                 let (status, reason) = e.status_and_reason();
@@ -541,14 +596,21 @@ impl Proxy {
             }
         };
 
+        // On an HTTP/2 stream (RFC 8441): 200, no upgrade headers and no accept key.
+        let on_stream = parts.extensions.get::<h2::OnStream>().cloned();
         let mut response = Response::new(empty());
-        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        *response.status_mut() = match on_stream {
+            Some(_) => StatusCode::OK,
+            None => StatusCode::SWITCHING_PROTOCOLS,
+        };
         *response.headers_mut() = upstream_headers;
         let h = response.headers_mut();
-        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        if let Some(accept) = accept {
-            h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+        if on_stream.is_none() {
+            h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            if let Some(accept) = accept {
+                h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+            }
         }
         if let Some(p) = protocol {
             h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
@@ -573,7 +635,7 @@ impl Proxy {
         self.tracker.spawn(async move {
             let _permit = permit;
             let _tcp_slot = tcp_slot;
-            let client = match client_upgrade.await.map(client_stream) {
+            let client = match client_upgrade.await.map(|u| client_leg(u, on_stream)) {
                 Ok(Some(socket)) => socket,
                 Ok(None) => {
                     tracing::error!(
@@ -618,7 +680,11 @@ impl Proxy {
             if let Some(g) = &compressed_gauge {
                 g.inc();
             }
-            let summary = relay::run(client, *upstream_socket, ctx).await;
+            // One relay, compiled for each kind of client leg: HTTP/1.1 stays as it was.
+            let summary = match client {
+                ClientLeg::Http1(client) => relay::run(client, *upstream_socket, ctx).await,
+                ClientLeg::Http2(client) => relay::run(client, *upstream_socket, ctx).await,
+            };
             if let Some(g) = compressed_gauge {
                 g.dec();
             }
@@ -857,6 +923,9 @@ impl Capacity {
 pub struct TcpSlot {
     _permit: OwnedSemaphorePermit,
     active: prometheus::IntGauge,
+    /// Its series of `wsbeat_client_http_connections_active`, once the HTTP version is
+    /// known; an HTTP/1.1 connection taken over by a WebSocket stays counted.
+    version: std::sync::OnceLock<prometheus::IntGauge>,
 }
 
 impl TcpSlot {
@@ -865,6 +934,17 @@ impl TcpSlot {
         TcpSlot {
             _permit: permit,
             active: metrics.tcp_connections_active.clone(),
+            version: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Counts the connection as HTTP `version` (`1.1` or `2`) until it closes.
+    fn set_version(&self, metrics: &Metrics, version: &str) {
+        let gauge = metrics
+            .client_http_connections_active
+            .with_label_values(&[version]);
+        if self.version.set(gauge.clone()).is_ok() {
+            gauge.inc();
         }
     }
 }
@@ -872,6 +952,9 @@ impl TcpSlot {
 impl Drop for TcpSlot {
     fn drop(&mut self) {
         self.active.dec();
+        if let Some(version) = self.version.get() {
+            version.dec();
+        }
     }
 }
 

@@ -29,6 +29,8 @@ use crate::config::{Config, TlsConfig, UpstreamConfig, DEFAULT_ROUTE};
 
 /// The only application protocol wsbeat speaks on either leg (WebSockets over HTTP/1.1).
 const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// HTTP/2 over TLS, offered to clients first with `http2: true`.
+const ALPN_H2: &[u8] = b"h2";
 /// How often the background reload looks at the certificate files (a `stat` each, a
 /// read only when one changed): a rotated certificate is in use within about this long.
 pub const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -214,9 +216,10 @@ impl ResolvesServerCert for CurrentCert {
     }
 }
 
-/// The public listener's TLS acceptor: TLS 1.2 and 1.3, ALPN `http/1.1`, the
-/// certificate from `tls.cert` / `tls.key`; with the watch that reloads it.
-fn acceptor(tls: &TlsConfig) -> Result<(TlsAcceptor, Watch), TlsFileError> {
+/// The public listener's TLS acceptor: TLS 1.2 and 1.3, ALPN `http/1.1` (with `http2`:
+/// `h2` first), the certificate from `tls.cert` / `tls.key`; with the watch that reloads
+/// it.
+fn acceptor(tls: &TlsConfig, http2: bool) -> Result<(TlsAcceptor, Watch), TlsFileError> {
     let (current, watch) = certificate(tls)?;
     let resolver = CurrentCert {
         path: tls.cert.clone(),
@@ -227,7 +230,11 @@ fn acceptor(tls: &TlsConfig) -> Result<(TlsAcceptor, Watch), TlsFileError> {
         .map_err(|e| file_error(&tls.cert, e))?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
-    config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    config.alpn_protocols = if http2 {
+        vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()]
+    } else {
+        vec![ALPN_HTTP1.to_vec()]
+    };
     Ok((TlsAcceptor::from(Arc::new(config)), watch))
 }
 
@@ -365,7 +372,7 @@ impl Setup {
         let mut watches = Vec::new();
         let acceptor = match &config.tls {
             Some(tls) => {
-                let (acceptor, watch) = acceptor(tls).map_err(|source| {
+                let (acceptor, watch) = acceptor(tls, config.http2).map_err(|source| {
                     let key = if source.path == tls.key {
                         "tls.key"
                     } else {

@@ -31,6 +31,12 @@ pub struct Config {
     /// that is not itself trusted. From any other peer, wsbeat sets them from what it saw.
     /// `X-Forwarded-For` is always appended to. Empty (the default): nobody is trusted.
     pub trusted_proxies: Vec<Cidr>,
+    /// HTTP/2 on the client leg: TLS listeners offer ALPN `h2` then `http/1.1`, cleartext
+    /// ones also accept HTTP/2 with prior knowledge (h2c), and WebSockets may arrive as
+    /// RFC 8441 extended CONNECT streams, many on one connection. The upstream leg stays
+    /// HTTP/1.1. HTTP/2 PINGs (`liveness.ping_interval`, `liveness.timeout`) end every
+    /// stream of a dead connection. `false` (the default): HTTP/1.1 only.
+    pub http2: bool,
     /// How changes of this file are noticed (SIGHUP always reloads).
     pub reload: ReloadConfig,
     /// Terminate TLS on the public listener. Absent: plain TCP.
@@ -73,6 +79,7 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             proxy_protocol: false,
             trusted_proxies: Vec::new(),
+            http2: false,
             reload: ReloadConfig::default(),
             tls: None,
             admin: AdminConfig::default(),
@@ -280,6 +287,9 @@ pub struct LimitsConfig {
     /// do not all end together; closes are counted as `outcome="max_age"`. A connection
     /// keeps the limit it started with. `null` (the default): no limit.
     pub max_connection_age: Option<HumanDuration>,
+    /// With `http2: true`: streams one HTTP/2 connection may have open at once (plain
+    /// requests and WebSockets), advertised as `SETTINGS_MAX_CONCURRENT_STREAMS`.
+    pub max_streams_per_connection: u32,
     /// A client that has not sent a whole request head after this long is dropped:
     /// counted from the connection's start (after TLS), or from the first byte of a
     /// later request on a keep-alive connection.
@@ -299,6 +309,7 @@ impl Default for LimitsConfig {
             max_tcp_connections: None,
             max_message_size: ByteSize(16 << 20),
             max_connection_age: None,
+            max_streams_per_connection: 100,
             handshake_timeout: HumanDuration::secs(10),
             http_idle_timeout: HumanDuration::secs(60),
             write_timeout: HumanDuration::secs(30),

@@ -366,3 +366,19 @@ fn compression_is_passthrough_by_default_and_routes_may_turn_it_off() {
         assert!(e.contains("compression"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn http2_is_off_by_default_and_streams_per_connection_at_least_one() {
+    let c = parse("").unwrap();
+    assert!(!c.http2);
+    assert_eq!(c.limits.max_streams_per_connection, 100);
+    let c = parse("http2: true\nlimits:\n  max_streams_per_connection: 7\n").unwrap();
+    assert!(c.http2);
+    assert_eq!(c.limits.max_streams_per_connection, 7);
+    let e = parse("limits:\n  max_streams_per_connection: 0\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("limits.max_streams_per_connection"), "{e}");
+    let e = parse("http2: sometimes\n").unwrap_err().to_string();
+    assert!(e.contains("http2"), "{e}");
+}

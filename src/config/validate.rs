@@ -87,6 +87,12 @@ impl Config {
                 "must be longer than 0s, or null (no limit)",
             ));
         }
+        if self.limits.max_streams_per_connection == 0 {
+            return Err(invalid(
+                "limits.max_streams_per_connection",
+                "must be at least 1",
+            ));
+        }
         if self.shutdown.close_spread > self.shutdown.drain_timeout {
             return Err(invalid(
                 "shutdown.close_spread",

@@ -13,6 +13,7 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::http::Extensions;
 use hyper::Method;
 use hyper_util::client::legacy::connect::{CaptureConnection, Connected, Connection};
+use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
@@ -212,6 +213,9 @@ pub(super) struct ClientBody {
     slot: Arc<Mutex<BodySlot>>,
     end_stream: bool,
     size_hint: SizeHint,
+    /// For a request that came over HTTP/2: its trailers are dropped (HTTP/1.1 carries
+    /// them only in a chunked body the upstream agreed to) and counted here.
+    drop_trailers: Option<IntCounter>,
 }
 
 pub(super) struct BodySlot {
@@ -238,7 +242,10 @@ impl BodySlot {
 }
 
 impl ClientBody {
-    pub(super) fn new(body: Incoming) -> (ClientBody, Arc<Mutex<BodySlot>>) {
+    pub(super) fn new(
+        body: Incoming,
+        drop_trailers: Option<IntCounter>,
+    ) -> (ClientBody, Arc<Mutex<BodySlot>>) {
         use hyper::body::Body as _;
         let end_stream = body.is_end_stream();
         let size_hint = body.size_hint();
@@ -251,6 +258,7 @@ impl ClientBody {
             slot: slot.clone(),
             end_stream,
             size_hint,
+            drop_trailers,
         };
         (body, slot)
     }
@@ -271,6 +279,14 @@ impl hyper::body::Body for ClientBody {
         let polled = Pin::new(body).poll_frame(cx);
         if polled.is_ready() {
             slot.handed = true;
+        }
+        if let (Poll::Ready(Some(Ok(frame))), Some(dropped)) = (&polled, &self.drop_trailers) {
+            if frame.is_trailers() {
+                // Trailers are the body's last frame: it ends here.
+                dropped.inc();
+                slot.body = None;
+                return Poll::Ready(None);
+            }
         }
         polled
     }

@@ -107,9 +107,15 @@ export async function startBackend({ tickMs, port = 0, deflate = false } = {}) {
 /**
  * Runs wsbeat in front of `upstream` with the given heartbeat settings, admin off, on
  * 127.0.0.1:0; resolves once it logs the address it listens on.
- * @param {{upstream: string, interval?: string, mode?: "interval"|"idle", extra?: string}} o
+ * @param {{upstream: string, interval?: string, mode?: "interval"|"idle", extra?: string, admin?: boolean}} o
  */
-export async function startWsbeat({ upstream, interval = "4s", mode = "interval", extra = "" }) {
+export async function startWsbeat({
+  upstream,
+  interval = "4s",
+  mode = "interval",
+  extra = "",
+  admin = false,
+}) {
   const dir = mkdtempSync(path.join(tmpdir(), "wsbeat-browser-"));
   const config = path.join(dir, "wsbeat.yaml");
   writeFileSync(
@@ -118,13 +124,24 @@ export async function startWsbeat({ upstream, interval = "4s", mode = "interval"
   );
   const child = spawn(
     wsbeatBin(),
-    ["--config", config, "--listen", "127.0.0.1:0", "--admin-listen", "off", "--log-format", "json"],
+    [
+      "--config",
+      config,
+      "--listen",
+      "127.0.0.1:0",
+      "--admin-listen",
+      admin ? "127.0.0.1:0" : "off",
+      "--log-format",
+      "json",
+    ],
     { stdio: ["ignore", "ignore", "pipe"] },
   );
   const lines = readline.createInterface({ input: child.stderr });
   const log = [];
+  let adminAddr = null;
   const addr = await new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error("wsbeat did not log `listening`")), PATIENCE_MS);
+    let listening = null;
     child.once("exit", (code) => reject(new Error(`wsbeat exited early (${code}): ${log.join("\n")}`)));
     lines.on("line", (line) => {
       log.push(line);
@@ -135,14 +152,18 @@ export async function startWsbeat({ upstream, interval = "4s", mode = "interval"
         reject(new Error(`wsbeat logged a line that is not JSON: ${line}`));
         return;
       }
-      if (record.message === "listening") {
+      if (record.message === "listening") listening = record.addr;
+      if (record.message === "admin listening") adminAddr = record.addr;
+      if (listening && (!admin || adminAddr)) {
         clearTimeout(timer);
-        resolve(record.addr);
+        resolve(listening);
       }
     });
   });
   return {
     addr,
+    /** The admin listener's address, with `admin: true`. */
+    admin: adminAddr,
     url: `ws://${addr}`,
     pid: child.pid,
     log,
@@ -186,8 +207,11 @@ export async function startPageServer() {
   };
 }
 
-/** Headless Debian Chromium with a fresh profile (playwright makes a temporary one). */
-export async function launchChromium() {
+/**
+ * Headless Debian Chromium with a fresh profile (playwright makes a temporary one).
+ * @param {string[]} [extraArgs] more command-line flags
+ */
+export async function launchChromium(extraArgs = []) {
   const executablePath = process.env.CHROMIUM ?? "/usr/bin/chromium";
   if (!existsSync(executablePath)) {
     throw new Error(`${executablePath} not found: run tests/browser/ci-deps.sh`);
@@ -207,6 +231,7 @@ export async function launchChromium() {
       "--disable-background-timer-throttling",
       "--disable-renderer-backgrounding",
       "--disable-backgrounding-occluded-windows",
+      ...extraArgs,
     ],
   });
 }

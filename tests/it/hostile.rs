@@ -57,17 +57,18 @@ async fn a_trickled_request_head_is_dropped_at_handshake_timeout() {
 }
 
 /// One malformed frame sequence and the close code RFC 6455 requires for it.
-struct BadFrames {
-    what: &'static str,
-    wire: Vec<u8>,
-    code: u16,
+pub(crate) struct BadFrames {
+    pub(crate) what: &'static str,
+    pub(crate) wire: Vec<u8>,
+    pub(crate) code: u16,
 }
 
 fn close_with_code(code: u16) -> Vec<u8> {
     client_frame(0x8, &code.to_be_bytes())
 }
 
-fn bad_frame_table() -> Vec<BadFrames> {
+/// Shared with tests/it/http2.rs: the same table over an HTTP/2 stream.
+pub(crate) fn bad_frame_table() -> Vec<BadFrames> {
     let with_bits = |bits: u8| {
         let mut f = client_frame(0x1, b"x");
         f[0] |= bits;

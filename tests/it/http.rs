@@ -68,7 +68,7 @@ fn is_pattern_at(offset: u64, data: &[u8]) -> bool {
 }
 
 /// `len` bytes of the test payload, sent in frames of at most `chunk` bytes.
-fn pattern_body(len: u64, chunk: usize) -> Body {
+pub(super) fn pattern_body(len: u64, chunk: usize) -> Body {
     let stream = futures_util::stream::unfold(0u64, move |sent| async move {
         (sent < len).then(|| {
             let at = (sent % PERIOD as u64) as usize;

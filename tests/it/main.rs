@@ -20,6 +20,7 @@ mod haproxy;
 mod heartbeat;
 mod hostile;
 mod http;
+mod http2;
 mod http_pool;
 mod limits;
 mod metrics;

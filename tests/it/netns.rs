@@ -30,10 +30,10 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 const DETECTION_BOUND: Duration = Duration::from_secs(1 + 2 + 1);
 /// Namespace names start with this, then the test process id.
 const PREFIX: &str = "wsbt-";
-const SERVER_IP: [u8; 4] = [10, 213, 0, 1];
+pub(crate) const SERVER_IP: [u8; 4] = [10, 213, 0, 1];
 
 /// Runs `ip ARGS`, panicking with its output when it fails.
-fn ip(args: &[&str]) {
+pub(crate) fn ip(args: &[&str]) {
     let out = Command::new("ip")
         .args(args)
         .output()
@@ -46,7 +46,7 @@ fn ip(args: &[&str]) {
     );
 }
 
-fn assert_root() {
+pub(crate) fn assert_root() {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let euid = status
         .lines()
@@ -60,13 +60,16 @@ fn assert_root() {
 }
 
 /// A named network namespace, deleted when dropped (also when the test fails).
-struct Netns {
-    name: String,
+pub(crate) struct Netns {
+    pub(crate) name: String,
 }
 
 impl Netns {
     fn create(role: &str) -> Netns {
-        let name = format!("{PREFIX}{}-{role}", std::process::id());
+        // Numbered: tests in one process may each make their own.
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{PREFIX}{}-{role}{n}", std::process::id());
         ip(&["netns", "add", &name]);
         let ns = Netns { name };
         ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
@@ -75,7 +78,7 @@ impl Netns {
 
     /// Runs `f` on a thread that has entered this namespace: sockets it creates belong
     /// to the namespace for their whole life, whichever thread uses them later.
-    fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+    pub(crate) fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = format!("/run/netns/{}", self.name);
         std::thread::spawn(move || {
             let file = std::fs::File::open(&path).unwrap();
@@ -96,8 +99,50 @@ impl Drop for Netns {
     }
 }
 
+/// Two namespaces joined by a veth pair: the server's (`SERVER_IP`, `veth-srv`) and the
+/// clients' (`veth-cli`, whose link a test sets down).
+pub(crate) fn veth_pair() -> (Netns, Netns) {
+    let server_ns = Netns::create("srv");
+    let client_ns = Netns::create("cli");
+    ip(&[
+        "-n",
+        &server_ns.name,
+        "link",
+        "add",
+        "veth-srv",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "veth-cli",
+        "netns",
+        &client_ns.name,
+    ]);
+    ip(&[
+        "-n",
+        &server_ns.name,
+        "addr",
+        "add",
+        "10.213.0.1/24",
+        "dev",
+        "veth-srv",
+    ]);
+    ip(&[
+        "-n",
+        &client_ns.name,
+        "addr",
+        "add",
+        "10.213.0.2/24",
+        "dev",
+        "veth-cli",
+    ]);
+    ip(&["-n", &server_ns.name, "link", "set", "veth-srv", "up"]);
+    ip(&["-n", &client_ns.name, "link", "set", "veth-cli", "up"]);
+    (server_ns, client_ns)
+}
+
 /// Deletes namespaces left by earlier runs that were killed before their guards ran.
-fn sweep_stale_namespaces() {
+pub(crate) fn sweep_stale_namespaces() {
     let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Some(name) = line.split_whitespace().next() else {
@@ -116,7 +161,7 @@ fn sweep_stale_namespaces() {
 }
 
 /// Raises the soft open-files limit to the hard one if it is below `need`.
-fn ensure_open_files(need: u64) {
+pub(crate) fn ensure_open_files(need: u64) {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
     if soft < need {
@@ -145,7 +190,7 @@ async fn connect_from(socket: TcpSocket, server: SocketAddr, path: &str) -> Clie
     ws
 }
 
-fn sockets_in(ns: &Netns, n: usize) -> Vec<TcpSocket> {
+pub(crate) fn sockets_in(ns: &Netns, n: usize) -> Vec<TcpSocket> {
     ns.enter(move || (0..n).map(|_| TcpSocket::new_v4().unwrap()).collect())
 }
 
@@ -187,42 +232,7 @@ async fn a_thousand_vanished_clients_are_found_dead_in_time_while_others_flow() 
     // Test side: 1,020 clients, 1,020 backend sockets; wsbeat: 2,040; plus spare.
     ensure_open_files(6000);
 
-    let server_ns = Netns::create("srv");
-    let client_ns = Netns::create("cli");
-    ip(&[
-        "-n",
-        &server_ns.name,
-        "link",
-        "add",
-        "veth-srv",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "veth-cli",
-        "netns",
-        &client_ns.name,
-    ]);
-    ip(&[
-        "-n",
-        &server_ns.name,
-        "addr",
-        "add",
-        "10.213.0.1/24",
-        "dev",
-        "veth-srv",
-    ]);
-    ip(&[
-        "-n",
-        &client_ns.name,
-        "addr",
-        "add",
-        "10.213.0.2/24",
-        "dev",
-        "veth-cli",
-    ]);
-    ip(&["-n", &server_ns.name, "link", "set", "veth-srv", "up"]);
-    ip(&["-n", &client_ns.name, "link", "set", "veth-cli", "up"]);
+    let (server_ns, client_ns) = veth_pair();
 
     // wsbeat listens inside the server namespace; its upstream leg and admin listener are
     // on the test's loopback, where the backend is.

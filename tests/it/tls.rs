@@ -129,7 +129,7 @@ impl TempDir {
     }
 
     /// Writes `leaf` as `tls.crt` / `tls.key`; returns the listener's TLS config.
-    fn tls(&self, leaf: &Leaf) -> TlsConfig {
+    pub(crate) fn tls(&self, leaf: &Leaf) -> TlsConfig {
         TlsConfig {
             cert: self.write("tls.crt", &leaf.cert_pem),
             key: self.write("tls.key", &leaf.key_pem),

@@ -2,6 +2,7 @@
 //! above and below the WebSocket library.
 
 mod backend;
+mod h2client;
 mod haproxy;
 mod process;
 mod proxy;
@@ -10,6 +11,7 @@ mod raw;
 use std::time::Duration;
 
 pub use backend::*;
+pub use h2client::*;
 pub use haproxy::*;
 pub use process::*;
 pub use proxy::*;

@@ -37,11 +37,16 @@ impl WsbeatProcess {
     /// Starts the binary in front of `upstream`; `extra_yaml` adds top-level keys
     /// (e.g. `"limits: { write_timeout: 1s }"`). Returns once both listeners are up.
     pub fn start(upstream: SocketAddr, extra_yaml: &str) -> WsbeatProcess {
+        WsbeatProcess::start_bin(WSBEAT_BIN, upstream, extra_yaml)
+    }
+
+    /// Like `start`, with the binary at `bin` (e.g. a release build, for measurements).
+    pub fn start_bin(bin: &str, upstream: SocketAddr, extra_yaml: &str) -> WsbeatProcess {
         let config = write_temp_config(&format!(
             "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\n\
              upstream: {{ url: \"ws://{upstream}\" }}\n{extra_yaml}\n"
         ));
-        let mut child = std::process::Command::new(WSBEAT_BIN)
+        let mut child = std::process::Command::new(bin)
             .arg("--config")
             .arg(config.path())
             .env("RUST_LOG", "info")

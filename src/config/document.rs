@@ -214,8 +214,12 @@ impl Default for HeartbeatConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LivenessConfig {
-    /// How often a protocol PING goes to the client (browsers answer by themselves).
+    /// A protocol PING goes to a client silent this long (browsers answer by
+    /// themselves); with heartbeats on, in the write of the heartbeat that follows.
     pub ping_interval: HumanDuration,
+    /// A client alive by its own frames (never silent for `ping_interval`) is PINGed
+    /// this often, so that its RTT stays measured (`ping_interval` if that is longer).
+    pub rtt_sample_interval: HumanDuration,
     /// Nothing from the client for this long: it is dead; both legs are closed with 1001.
     pub timeout: HumanDuration,
     /// Also PING the upstream this often; it is dead after `timeout` without a frame, and
@@ -227,6 +231,7 @@ impl Default for LivenessConfig {
     fn default() -> Self {
         LivenessConfig {
             ping_interval: HumanDuration::secs(10),
+            rtt_sample_interval: HumanDuration::secs(60),
             timeout: HumanDuration::secs(30),
             upstream_ping_interval: None,
         }

@@ -91,6 +91,14 @@ fn bad_values_name_their_key() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("liveness.timeout"), "{e}");
+    let e = parse("liveness:\n  rtt_sample_interval: 0s\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("liveness.rtt_sample_interval"), "{e}");
+    let e = parse("routes:\n  - path: /a\n    liveness: { rtt_sample_interval: 0s }\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rtt_sample_interval"), "{e}");
     let e = parse("limits:\n  max_message_size: 0\n")
         .unwrap_err()
         .to_string();

@@ -244,6 +244,12 @@ fn validate_liveness(key: &str, l: &LivenessConfig) -> Result<(), ConfigError> {
             ),
         ));
     }
+    if l.rtt_sample_interval.0 < Duration::from_millis(1) {
+        return Err(invalid(
+            format!("{key}.rtt_sample_interval"),
+            "must be at least 1ms",
+        ));
+    }
     if let Some(u) = l.upstream_ping_interval {
         if u.0 < Duration::from_millis(1) || u >= l.timeout {
             return Err(invalid(

@@ -44,6 +44,7 @@ pub mod server;
 pub mod shutdown;
 pub mod tls;
 pub mod upstream;
+pub mod wskey;
 
 use std::future::Future;
 use std::net::SocketAddr;

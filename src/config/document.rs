@@ -60,6 +60,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Prometheus export options.
     pub metrics: MetricsConfig,
+    /// The async runtime (read at start; a change needs a restart).
+    pub runtime: RuntimeConfig,
 }
 
 impl Default for Config {
@@ -80,6 +82,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             shutdown: ShutdownConfig::default(),
             metrics: MetricsConfig::default(),
+            runtime: RuntimeConfig::default(),
         }
     }
 }
@@ -312,6 +315,24 @@ impl Default for ShutdownConfig {
             drain_timeout: HumanDuration::secs(25),
             close_spread: HumanDuration::secs(0),
         }
+    }
+}
+
+/// The async runtime.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads of the (work-stealing) runtime. `null`: the number of cores the
+    /// process may use.
+    pub workers: Option<usize>,
+}
+
+impl RuntimeConfig {
+    /// Worker threads to start: `workers`, or the cores available.
+    pub fn worker_threads(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
     }
 }
 

@@ -23,6 +23,14 @@ impl Config {
             &HeartbeatSettings::from_config(&self.heartbeat),
         )?;
         validate_liveness("liveness", &self.liveness)?;
+        if let Some(n) = self.runtime.workers {
+            if !(1..=1024).contains(&n) {
+                return Err(invalid(
+                    "runtime.workers".to_owned(),
+                    format!("({n}) must be 1 to 1024 (null: the number of cores)"),
+                ));
+            }
+        }
         validate_origins("allowed_origins", &self.allowed_origins)?;
         if let Some(path) = &self.client_script {
             if !path.starts_with('/')

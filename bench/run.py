@@ -397,7 +397,9 @@ def start_target(kids: Children, target: str, wsbeat_bin: str, echo_port: int, d
         conf = d / "wsbeat.yaml"
         tls = f"tls:\n  cert: {certs.cert}\n  key: {certs.key}\n" if certs else ""
         conf.write_text(WSBEAT_CONF.format(port=port, echo=echo_port, hb_ms=HEARTBEAT_INTERVAL_MS,
-                                           ping_s=PING_INTERVAL_S, tls=tls))
+                                           ping_s=PING_INTERVAL_S, tls=tls)
+                        # e.g. WSBEAT_YAML='runtime: { workers: 1 }' to compare settings
+                        + os.environ.get("WSBEAT_YAML", "") + "\n")
         argv = [wsbeat_bin, "--config", str(conf), "--listen", f"127.0.0.1:{port}",
                 "--upstream", f"ws://127.0.0.1:{echo_port}", "--admin-listen", "off"]
         # One log line per closed WebSocket at `info`; nginx and HAProxy log nothing either.

@@ -131,14 +131,7 @@ fn main() -> ExitCode {
         .enable_all()
         .build();
     match runtime {
-        // Spawned, not run by `block_on` on the main thread: the accept loop then runs
-        // on a worker, and the task of each accepted connection starts on that worker's
-        // own queue instead of being handed across threads (a wake-up per connection).
-        Ok(runtime) => runtime.block_on(async move {
-            tokio::spawn(async_main(cli, workers))
-                .await
-                .unwrap_or(ExitCode::FAILURE)
-        }),
+        Ok(runtime) => runtime.block_on(async_main(cli, workers)),
         Err(e) => {
             eprintln!("wsbeat: cannot start the runtime: {e}");
             ExitCode::FAILURE

@@ -9,6 +9,11 @@ hits them alike, and the table shows medians with ratios to wsbeat.
 
     python3 bench/http_rps.py                      # 3 rounds x 10 s, 100 connections
     python3 bench/http_rps.py --rounds 1 --seconds 3 --connections 50
+    python3 bench/http_rps.py --connections 1000   # many keep-alive connections
+    python3 bench/http_rps.py --body-bytes 65536   # a 64 KiB body (a file, not `return`)
+
+`proxy CPU µs/req`: the CPU time (utime + stime, every process of the target's process
+group) during the measured window, divided by the requests wrk counted.
     WSBEAT_BIN=target/release/wsbeat python3 bench/http_rps.py --json out.json
 """
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import re
 import signal
 import socket
@@ -27,7 +33,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGETS = ["direct", "wsbeat", "nginx-1", "nginx-auto", "haproxy-1"]
+TARGETS = ["direct", "wsbeat", "nginx-1", "nginx-auto", "haproxy-1", "haproxy-auto"]
+ANCHORS = ["nginx-1", "nginx-auto", "haproxy-1", "haproxy-auto"]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 BODY = "x" * 63 + "\n"
 
 ORIGIN_CONF = """\
@@ -42,7 +50,7 @@ http {{
     keepalive_requests 1000000;
     server {{
         listen 127.0.0.1:{port};
-        location / {{ default_type text/plain; return 200 "{body}"; }}
+        {location}
     }}
 }}
 """
@@ -73,7 +81,7 @@ http {{
 HAPROXY_CONF = """\
 global
     maxconn 4000
-    nbthread 1
+{nbthread}
 defaults
     mode http
     timeout connect 5s
@@ -130,6 +138,22 @@ def stop(proc: subprocess.Popen) -> None:
             pass
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """utime + stime of every process in the process group `pgid`."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid:  # field 5, pgrp
+            total += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
+    return total / CLK_TCK
+
+
 def start(target: str, origin: int, d: Path, wsbeat: str) -> tuple[subprocess.Popen | None, int]:
     if target == "direct":
         return None, origin
@@ -145,7 +169,8 @@ def start(target: str, origin: int, d: Path, wsbeat: str) -> tuple[subprocess.Po
         proc = spawn(["nginx", "-c", str(conf), "-g", "daemon off;"])
     else:
         conf = d / "haproxy.cfg"
-        conf.write_text(HAPROXY_CONF.format(port=port, origin=origin))
+        nbthread = "    nbthread 1" if target == "haproxy-1" else ""
+        conf.write_text(HAPROXY_CONF.format(port=port, origin=origin, nbthread=nbthread))
         proc = spawn(["haproxy", "-f", str(conf)])
     wait_port(port, proc)
     return proc, port
@@ -157,13 +182,14 @@ def wrk(port: int, seconds: int, connections: int) -> dict:
          f"http://127.0.0.1:{port}/"],
         capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
 
     def ms(label: str) -> float:
         value, unit = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
         return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
-    return {"rps": rps, "p50_ms": ms("50%"), "p99_ms": ms("99%"),
+    return {"rps": rps, "requests": requests, "p50_ms": ms("50%"), "p99_ms": ms("99%"),
             "errors": errors.group(0) if errors else None}
 
 
@@ -172,9 +198,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--connections", type=int, default=100)
+    ap.add_argument("--body-bytes", type=int, default=64, help="response body size (default 64)")
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--json", help="write every run here")
     args = ap.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     wsbeat = os.environ.get("WSBEAT_BIN")
     if not wsbeat:
         subprocess.run(["cargo", "build", "--release", "--locked", "--quiet"], cwd=ROOT, check=True)
@@ -185,7 +214,17 @@ def main() -> int:
         d = Path(tmp)
         origin = free_port()
         conf = d / "origin.conf"
-        conf.write_text(ORIGIN_CONF.format(d=d, port=origin, body=BODY.strip() + "\\n"))
+        if args.body_bytes == len(BODY):
+            location = 'location / {{ default_type text/plain; return 200 "{}"; }}'.format(
+                BODY.strip() + "\\n")
+        else:
+            # nginx's workers run unprivileged: the temp dir is 0700.
+            d.chmod(0o755)
+            (d / "www").mkdir(mode=0o755)
+            (d / "www" / "index.html").write_bytes(b"x" * args.body_bytes)
+            (d / "www" / "index.html").chmod(0o644)
+            location = f"location / {{ root {d}/www; }}"
+        conf.write_text(ORIGIN_CONF.format(d=d, port=origin, location=location))
         origin_proc = spawn(["nginx", "-c", str(conf), "-g", "daemon off;"])
         try:
             wait_port(origin, origin_proc)
@@ -194,28 +233,41 @@ def main() -> int:
                     proc, port = start(target, origin, d, wsbeat)
                     try:
                         wrk(port, 1, args.connections)  # warm the pools
+                        pgid = proc.pid if proc else origin_proc.pid
+                        cpu0 = group_cpu_seconds(pgid)
                         r = wrk(port, args.seconds, args.connections)
+                        r["proxy_cpu_s"] = group_cpu_seconds(pgid) - cpu0
+                        r["proxy_us_per_req"] = r["proxy_cpu_s"] * 1e6 / max(1, r["requests"])
                     finally:
                         if proc:
                             stop(proc)
                     r.update(target=target, round=rnd)
                     runs.append(r)
                     print(f"round {rnd} {target:11} {r['rps']:>10,.0f} req/s  "
-                          f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms"
+                          f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  "
+                          f"proxy CPU {r['proxy_us_per_req']:.1f} µs/req"
                           + (f"  ({r['errors']})" if r["errors"] else ""), file=sys.stderr)
         finally:
             stop(origin_proc)
 
     med = {t: {k: statistics.median(r[k] for r in runs if r["target"] == t)
-               for k in ("rps", "p50_ms", "p99_ms")} for t in targets}
-    print(f"\nPlain HTTP, GET 64-byte body, {args.connections} keep-alive connections, "
-          f"wrk -t2, {args.rounds} x {args.seconds} s, medians\n")
-    print("| target | req/s | p50 ms | p99 ms | wsbeat req/s ÷ target |")
-    print("|---|---:|---:|---:|---:|")
+               for k in ("rps", "p50_ms", "p99_ms", "proxy_us_per_req")} for t in targets}
+    print(f"\nPlain HTTP, GET {args.body_bytes}-byte body, {args.connections} keep-alive "
+          f"connections, wrk -t2, {args.rounds} x {args.seconds} s, medians\n")
+    print("| target | req/s | p50 ms | p99 ms | proxy CPU µs/req | wsbeat req/s ÷ target |")
+    print("|---|---:|---:|---:|---:|---:|")
     for t in targets:
         m = med[t]
         ratio = med["wsbeat"]["rps"] / m["rps"] if "wsbeat" in med else float("nan")
-        print(f"| {t} | {m['rps']:,.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {ratio:.2f}× |")
+        print(f"| {t} | {m['rps']:,.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | "
+              f"{m['proxy_us_per_req']:.1f} | {ratio:.2f}× |")
+    anchors = [t for t in ANCHORS if t in med]
+    if "wsbeat" in med and anchors:
+        best_rps = max(anchors, key=lambda t: med[t]["rps"])
+        best_cpu = min(anchors, key=lambda t: med[t]["proxy_us_per_req"])
+        print(f"\nwsbeat / best anchor: req/s {med['wsbeat']['rps'] / med[best_rps]['rps']:.2f}× "
+              f"({best_rps}); proxy CPU µs/req "
+              f"{med['wsbeat']['proxy_us_per_req'] / med[best_cpu]['proxy_us_per_req']:.2f}× ({best_cpu})")
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": runs, "medians": med}, indent=1))
     return 0

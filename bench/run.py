@@ -37,8 +37,12 @@ NCPU = os.cpu_count() or 1
 NGINX = "/usr/sbin/nginx"
 HAPROXY = "/usr/sbin/haproxy"
 
-TARGETS = ["direct", "wsbeat", "nginx-1", "nginx-auto", "haproxy-1", "haproxy-auto"]
+TARGETS = ["direct", "wsbeat", "nginx-1", "nginx-auto", "haproxy-1", "haproxy-auto", "baseline"]
 ANCHORS = ["nginx-1", "nginx-auto", "haproxy-1", "haproxy-auto"]
+# Targets that send heartbeats and PINGs on idle connections: they hold the full idle
+# window and their CPU is reported. `baseline` (wsbaseline) runs only where a scenario
+# names it in `only_targets`.
+SENDERS = ("wsbeat", "baseline")
 
 HEARTBEAT_INTERVAL_MS = 4000
 PING_INTERVAL_S = 10
@@ -58,6 +62,15 @@ class Scenario:
     secs: float = 10.0
     concurrency: int = 0
     tls: bool = False  # wss:// to the proxy (ws:// behind it); not run against `direct`
+    only_targets: tuple[str, ...] | None = None  # None: every target but `baseline`
+
+
+def runs_against(sc: Scenario, target: str) -> bool:
+    if sc.tls and target == "direct":
+        return False  # wsecho speaks no TLS
+    if sc.only_targets is not None:
+        return target in sc.only_targets
+    return target != "baseline"
 
 
 def scenarios(quick: bool) -> list[Scenario]:
@@ -72,6 +85,10 @@ def scenarios(quick: bool) -> list[Scenario]:
     ]
     if not quick:
         out.append(Scenario("d9k", "(d) idle, 9,000 connections", "idle", conns=9000, secs=hold))
+    out.append(Scenario("idle-cost", "(i) idle cost at the limit: wsbeat vs the limit baseline, "
+                        + ("1,000 connections held 20 s" if quick else "9,000 connections held 60 s"),
+                        "idle", conns=1000 if quick else 9000, secs=20.0 if quick else 60.0,
+                        only_targets=SENDERS))
     out.append(Scenario("e", "(e) handshakes, concurrency 50", "handshakes", secs=w, concurrency=50))
     out.append(Scenario("tls-handshakes", "(t) TLS handshakes (wss:// to the proxy, ws:// behind it), "
                         "concurrency 50", "handshakes", secs=w, concurrency=50, tls=True))
@@ -87,7 +104,8 @@ def select_scenarios(all_s: list[Scenario], only: str | None) -> list[Scenario]:
     out = []
     for s in all_s:
         for w in wanted:
-            if s.key == w or (w == "d" and s.kind == "idle" and not s.tls) or w == s.kind \
+            if s.key == w or (w == "d" and s.kind == "idle" and not s.tls
+                                                and s.only_targets is None) or w == s.kind \
                     or (w == "tls" and s.tls):
                 out.append(s)
                 break
@@ -379,7 +397,9 @@ def start_target(kids: Children, target: str, wsbeat_bin: str, echo_port: int, d
         conf = d / "wsbeat.yaml"
         tls = f"tls:\n  cert: {certs.cert}\n  key: {certs.key}\n" if certs else ""
         conf.write_text(WSBEAT_CONF.format(port=port, echo=echo_port, hb_ms=HEARTBEAT_INTERVAL_MS,
-                                           ping_s=PING_INTERVAL_S, tls=tls))
+                                           ping_s=PING_INTERVAL_S, tls=tls)
+                        # e.g. WSBEAT_YAML='runtime: { workers: 1 }' to compare settings
+                        + os.environ.get("WSBEAT_YAML", "") + "\n")
         argv = [wsbeat_bin, "--config", str(conf), "--listen", f"127.0.0.1:{port}",
                 "--upstream", f"ws://127.0.0.1:{echo_port}", "--admin-listen", "off"]
         # One log line per closed WebSocket at `info`; nginx and HAProxy log nothing either.
@@ -398,6 +418,10 @@ def start_target(kids: Children, target: str, wsbeat_bin: str, echo_port: int, d
                                             port=port, echo=echo_port,
                                             tls=f" ssl crt {certs.combined}" if certs else ""))
         argv = [HAPROXY, "-f", str(conf), "-db"]
+        env = None
+    elif target == "baseline":
+        argv = [str(BENCH / "target" / "release" / "wsbaseline"), "--listen", f"127.0.0.1:{port}",
+                "--heartbeat-ms", str(HEARTBEAT_INTERVAL_MS), "--ping-ms", str(PING_INTERVAL_S * 1000)]
         env = None
     else:
         raise ValueError(target)
@@ -496,7 +520,7 @@ def run_one(ctx: Ctx, sc: Scenario, target: str, rnd: int) -> dict:
             start_marker = "measuring"
             budget = 1 + sc.secs + sc.conns / 50 + 30
         elif sc.kind == "idle":
-            if target != "wsbeat":
+            if target not in SENDERS:
                 hold = min(sc.secs, ctx.anchor_hold)  # only RSS is reported for these
             argv = ["idle", "--url", url, "--conns", str(sc.conns), "--secs", str(hold),
                     "--interval-ms", str(HEARTBEAT_INTERVAL_MS)]
@@ -582,7 +606,7 @@ def run_one(ctx: Ctx, sc: Scenario, target: str, rnd: int) -> dict:
         rec["cpu_s"]["other"] = other
         warnings = []
         # (Idle runs of the other targets only report RSS, which other load does not move.)
-        cpu_matters = sc.kind != "idle" or target == "wsbeat"
+        cpu_matters = sc.kind != "idle" or target in SENDERS
         if cpu_matters and other > 0.05 * NCPU * rec["window_secs"] + 0.05:
             warnings.append(f"other processes used {other:.2f} CPU-s during the window")
         metrics: dict[str, float] = {}
@@ -613,11 +637,15 @@ def run_one(ctx: Ctx, sc: Scenario, target: str, rnd: int) -> dict:
             if n:
                 metrics["rss_per_conn"] = (a["rss"] - rss_before) / n
                 metrics["rss_per_conn_end"] = (b["rss"] - rss_before) / n
-            if target == "wsbeat":
+            if target in SENDERS:
                 events = res["heartbeats_received"] + res["pings_seen"]
                 metrics["events"] = events
                 if events:
                     metrics["cpu_us_per_event"] = rec["cpu_s"]["proxy"] * 1e6 / events
+                if n:
+                    conn_min = n * rec["window_secs"] / 60
+                    metrics["cpu_us_per_conn_min"] = rec["cpu_s"]["proxy"] * 1e6 / conn_min
+                    metrics["events_per_conn_min"] = events / conn_min
                 metrics["lateness_p99_ms"] = res["lateness_ms_p99"]
                 metrics["lateness_max_ms"] = res["lateness_ms_max"]
             if n != sc.conns or res["dropped_during_hold"]:
@@ -689,6 +717,8 @@ def columns(sc: Scenario) -> list[Col]:
             Col("lateness_max_ms", "hb lateness max ms", fmt_f(1)),
             Col("events", "heartbeats+PINGs", fmt_int),
             Col("cpu_us_per_event", "proxy CPU µs/event", fmt_f(1)),
+            Col("events_per_conn_min", "events/conn-min", fmt_f(1)),
+            Col("cpu_us_per_conn_min", "proxy CPU µs/conn-min", fmt_f(1), "low"),
             Col("proxy_cpu_s", "proxy CPU s (hold)", fmt_f(2)),
             Col("other_cpu_s", "other CPU s", fmt_f(2))]
 
@@ -728,7 +758,7 @@ def table(runs: list[dict], sc: Scenario, targets: list[str]) -> str:
         cells = []
         for c in cols:
             show = c.key in med
-            if sc.kind == "idle" and t != "wsbeat" and c.key not in (
+            if sc.kind == "idle" and t not in SENDERS and c.key not in (
                     "rss_per_conn", "rss_per_conn_end", "ramp_secs", "other_cpu_s"):
                 show = False
             cells.append(c.fmt(med[c.key]) if show else "—")
@@ -736,7 +766,10 @@ def table(runs: list[dict], sc: Scenario, targets: list[str]) -> str:
     if "wsbeat" in meds:
         wsb = meds["wsbeat"]
         ref = {k: v for k, v in meds.items() if k != "wsbeat"}
-        for label, names in (("wsbeat / best anchor", ANCHORS), ("wsbeat / direct", ["direct"])):
+        for label, names in (("wsbeat / best anchor", ANCHORS), ("wsbeat / direct", ["direct"]),
+                             ("wsbeat / baseline", ["baseline"])):
+            if not any(n in ref for n in names):
+                continue
             cells = [ratio_cell(c, wsb, ref, names) if c.better else "" for c in cols]
             lines.append(f"| *{label}* | " + " | ".join(cells) + " | |")
     problems = [r for r in runs if r["scenario"] == sc.key and (not r["ok"] or r.get("warning"))]
@@ -787,8 +820,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=None, help="rounds (default 3, 1 with --quick)")
     ap.add_argument("--quick", action="store_true",
                     help="1 round, 3 s windows, idle 1k/3k held 10 s (development)")
-    ap.add_argument("--only", help="scenarios, comma-separated: a,b,c,d (plain idle),d1k,d3k,d9k,e,"
-                                   "tls-handshakes,tls-d1k,tls (both)")
+    ap.add_argument("--only", help="scenarios, comma-separated: a,b,c,d (plain idle),d1k,d3k,d9k,"
+                                   "idle-cost,e,tls-handshakes,tls-d1k,tls (both)")
     ap.add_argument("--targets", help="comma-separated subset of " + ",".join(TARGETS))
     ap.add_argument("--json", help="write the raw results here")
     ap.add_argument("--gen-threads", type=int, default=1, help="wsload tokio worker threads")
@@ -841,13 +874,13 @@ def main() -> int:
     t0 = time.monotonic()
     interrupted = False
     try:
-        total = rounds * sum(len([t for t in targets if not (s.tls and t == "direct")]) for s in scs)
+        total = rounds * sum(len([t for t in targets if runs_against(s, t)]) for s in scs)
         i = 0
         for rnd in range(1, rounds + 1):
             for sc in scs:
                 for t in targets:
-                    if sc.tls and t == "direct":
-                        continue  # wsecho speaks no TLS
+                    if not runs_against(sc, t):
+                        continue
                     i += 1
                     rec = run_one(ctx, sc, t, rnd)
                     runs.append(rec)

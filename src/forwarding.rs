@@ -106,16 +106,14 @@ const HOP_BY_HOP: &[&str] = &[
 /// Copies the end-to-end headers: everything but hop-by-hop ones and those the
 /// `Connection` header names.
 pub fn copy_end_to_end(from: &HeaderMap, to: &mut HeaderMap) {
-    let named_in_connection: Vec<String> = from
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .collect();
+    // Room for all of them at once: one allocation, not one per growth.
+    to.reserve(from.len());
     for (name, value) in from {
         let n = name.as_str();
-        if HOP_BY_HOP.contains(&n) || named_in_connection.iter().any(|c| c == n) {
+        // Header names are lowercase; the tokens `Connection` names may not be.
+        if HOP_BY_HOP.contains(&n)
+            || header_tokens(from, &header::CONNECTION).any(|t| t.eq_ignore_ascii_case(n))
+        {
             continue;
         }
         to.append(name.clone(), value.clone());
@@ -191,25 +189,27 @@ pub fn add_forwarding(client: &HeaderMap, info: ClientInfo, out: &mut HeaderMap)
 /// sent one, `host`. An IPv6 address is bracketed and quoted (§6); any value that is not
 /// a token is quoted.
 fn forwarded_element(peer: IpAddr, proto: &str, host: Option<&str>) -> String {
-    let node = match peer {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    use std::fmt::Write;
+    // Built in one string: no intermediate for the node or the host.
+    let mut element = String::with_capacity(64 + host.map_or(0, str::len));
+    let _ = match peer {
+        IpAddr::V4(v4) => write!(element, "for={v4};proto={proto}"),
+        IpAddr::V6(v6) => write!(element, "for=\"[{v6}]\";proto={proto}"),
     };
-    let mut element = format!("for={node};proto={proto}");
     if let Some(host) = host.filter(|h| !h.is_empty()) {
         element.push_str(";host=");
-        element.push_str(&token_or_quoted(host));
+        push_token_or_quoted(&mut element, host);
     }
     element
 }
 
 /// `value` as an RFC 9110 token when it is one, else as a quoted-string.
-fn token_or_quoted(value: &str) -> String {
+fn push_token_or_quoted(quoted: &mut String, value: &str) {
     let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
     if value.chars().all(tchar) {
-        return value.to_owned();
+        quoted.push_str(value);
+        return;
     }
-    let mut quoted = String::with_capacity(value.len() + 2);
     quoted.push('"');
     for c in value.chars() {
         if matches!(c, '"' | '\\') {
@@ -218,7 +218,6 @@ fn token_or_quoted(value: &str) -> String {
         quoted.push(c);
     }
     quoted.push('"');
-    quoted
 }
 
 /// Adds wsbeat to the `Via` list, after any earlier hops.
@@ -302,6 +301,29 @@ pub fn canonical_path(path: &str) -> Result<String, PathError> {
         return Err(PathError::InvalidUtf8);
     }
     Ok(remove_dot_segments(&kept))
+}
+
+/// Whether `path` is its own canonical form at a glance: printable ASCII with no escape
+/// and no backslash, and no empty (but a final one), `.` or `..` segment. Most paths
+/// are; for them [`canonical_path`] would only copy the path.
+pub fn is_plainly_canonical(path: &str) -> bool {
+    let mut segments = path.split('/');
+    segments.next() == Some("")
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'%' && b != b'\\')
+        && {
+            let mut rest = segments.peekable();
+            let mut ok = true;
+            while let Some(s) = rest.next() {
+                let last = rest.peek().is_none();
+                if matches!(s, "." | "..") || (s.is_empty() && !last) {
+                    ok = false;
+                    break;
+                }
+            }
+            ok
+        }
 }
 
 /// Merges repeated `/` and removes `.` and `..` segments; a final `.` or `..` leaves a
@@ -419,9 +441,13 @@ mod canonical_tests {
                 .collect();
             for path in &paths {
                 let raw = format!("/{path}");
+                if is_plainly_canonical(&raw) {
+                    assert_eq!(canonical_path(&raw).as_ref(), Ok(&raw), "{raw}");
+                }
                 let Ok(canonical) = canonical_path(&raw) else {
                     continue;
                 };
+                assert!(is_plainly_canonical(&canonical) || canonical.contains(['%', 'é']));
                 assert_eq!(canonical_path(&canonical).as_ref(), Ok(&canonical), "{raw}");
                 assert!(canonical.starts_with('/'), "{raw} -> {canonical}");
                 let inner = canonical.trim_end_matches('/');

@@ -704,10 +704,22 @@ pub fn close_code_allowed(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
-/// XORs `data` with `mask`, starting at byte `offset` of the mask cycle.
+/// XORs `data` with `mask`, starting at byte `offset` of the mask cycle: eight bytes at
+/// a time (the mask, turned to the phase of `data[0]`, repeated in a `u64`), the tail
+/// byte by byte.
 pub fn apply_mask(data: &mut [u8], mask: [u8; 4], offset: usize) {
-    for (i, b) in data.iter_mut().enumerate() {
-        *b ^= mask[(offset + i) & 3];
+    let mut m = mask;
+    m.rotate_left(offset & 3);
+    let word = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
+    let mut chunks = data.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(chunk);
+        chunk.copy_from_slice(&(u64::from_ne_bytes(w) ^ word).to_ne_bytes());
+    }
+    // The tail starts a multiple of 8 bytes in: the same phase as `data[0]`.
+    for (b, k) in chunks.into_remainder().iter_mut().zip(m.iter().cycle()) {
+        *b ^= k;
     }
 }
 

@@ -47,6 +47,7 @@ pub mod server;
 pub mod shutdown;
 pub mod tls;
 pub mod upstream;
+pub mod wskey;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -136,6 +137,9 @@ async fn serve_reloading(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "listening");
     }
+    // `runtime.workers`, or the cores available: after the line above, which scripts read.
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(workers, "runtime worker threads");
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
     let metrics = metrics::Metrics::new(&config.routes(), config.metrics.per_connection);

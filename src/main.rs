@@ -114,9 +114,32 @@ fn apply_overrides(cli: &Overrides, mut config: Config) -> Result<Config, Config
     Ok(config)
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `runtime.workers` sizes the runtime, so the configuration is read once before it
+    // exists (its errors are reported by the real load, inside the runtime, where SIGHUP
+    // can be handled from the start).
+    let workers = match &cli.command {
+        None => source(&cli)
+            .load()
+            .map_or(1, |config| config.runtime.worker_threads()),
+        Some(_) => wsbeat::config::RuntimeConfig::default().worker_threads(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("wsbeat-worker")
+        .enable_all()
+        .build();
+    match runtime {
+        Ok(runtime) => runtime.block_on(async_main(cli)),
+        Err(e) => {
+            eprintln!("wsbeat: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn async_main(cli: Cli) -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -55,12 +55,16 @@ const DURATION_BUCKETS: [f64; 10] = [
 const SILENCE_BUCKETS: [f64; 11] = [0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0];
 
 /// The `code` label of a close code: known codes by number, others as `other`.
-pub fn close_code_label(code: Option<u16>) -> String {
+pub fn close_code_label(code: Option<u16>) -> &'static str {
+    const KNOWN: [&str; 16] = [
+        "1000", "1001", "1002", "1003", "1004", "1005", "1006", "1007", "1008", "1009", "1010",
+        "1011", "1012", "1013", "1014", "1015",
+    ];
     match code {
         // A leg that ended without a close frame: "abnormal closure".
-        None => "1006".to_owned(),
-        Some(c @ 1000..=1015) => c.to_string(),
-        Some(_) => "other".to_owned(),
+        None => "1006",
+        Some(c @ 1000..=1015) => KNOWN[usize::from(c - 1000)],
+        Some(_) => "other",
     }
 }
 
@@ -381,7 +385,7 @@ impl Metrics {
             m.tls_handshake_errors.with_label_values(&[leg]);
             for code in [1000u16, 1001, 1006, 1011] {
                 m.close_codes
-                    .with_label_values(&[leg, &close_code_label(Some(code))]);
+                    .with_label_values(&[leg, close_code_label(Some(code))]);
             }
         }
         Arc::new(m)
@@ -513,7 +517,7 @@ impl Metrics {
             .observe(view.started.elapsed().as_secs_f64());
         for (leg, code) in summary.close_codes().iter() {
             self.close_codes
-                .with_label_values(&[leg.as_str(), &close_code_label(*code)])
+                .with_label_values(&[leg.as_str(), close_code_label(*code)])
                 .inc();
         }
     }

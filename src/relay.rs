@@ -135,7 +135,7 @@ where
         .message
         .as_ref()
         .filter(|_| ctx.route.heartbeat.drop_client)
-        .map(|m| bytes::Bytes::copy_from_slice(m.as_bytes()));
+        .map(|m| AsRef::<bytes::Bytes>::as_ref(m).clone());
     // Boxed: an async fn's argument is stored apart from its locals, so a large `self`
     // by value would take its room twice in every connection's task.
     let mut relay = Box::new(Relay {

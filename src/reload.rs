@@ -107,8 +107,8 @@ pub enum ReloadError {
     },
 }
 
-/// Refuses a configuration that changes what only a restart can: the listeners, and
-/// whether connections start with a PROXY header.
+/// Refuses a configuration that changes what only a restart can: the listeners,
+/// whether connections start with a PROXY header, and the runtime's worker threads.
 pub fn needs_restart(running: &Config, new: &Config) -> Result<(), ReloadError> {
     let changed = |key, from: String, to: String| {
         if from == to {
@@ -124,7 +124,13 @@ pub fn needs_restart(running: &Config, new: &Config) -> Result<(), ReloadError> 
         "proxy_protocol",
         running.proxy_protocol.to_string(),
         new.proxy_protocol.to_string(),
-    )
+    )?;
+    let workers = |c: &Config| {
+        c.runtime
+            .workers
+            .map_or("null".to_owned(), |n| n.to_string())
+    };
+    changed("runtime.workers", workers(running), workers(new))
 }
 
 /// What makes a reload happen.
@@ -329,6 +335,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`proxy_protocol`"), "{e}");
+        let mut workers = running.clone();
+        workers.runtime.workers = Some(1);
+        let e = needs_restart(&running, &workers).unwrap_err().to_string();
+        assert!(e.contains("`runtime.workers`"), "{e}");
     }
 
     #[test]

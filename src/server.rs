@@ -18,7 +18,6 @@ use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -544,8 +543,7 @@ impl Proxy {
         let accept = req
             .headers()
             .get(header::SEC_WEBSOCKET_KEY)
-            .map(|key| derive_accept_key(key.as_bytes()))
-            .and_then(|accept| HeaderValue::from_str(&accept).ok());
+            .map(|key| crate::wskey::accept_value(key.as_bytes()));
         let client_upgrade = hyper::upgrade::on(&mut req);
         let (parts, _body) = req.into_parts();
         let upstream_tls = runtime.tls.upstreams.get(&route.name);
@@ -725,6 +723,10 @@ fn canonical_target<B>(req: &Request<B>) -> Result<Uri, (&'static str, String)> 
     let path = req.uri().path();
     if !path.starts_with('/') {
         // `*` (OPTIONS): no path to route on; the code that answers it decides.
+        return Ok(req.uri().clone());
+    }
+    if req.uri().authority().is_none() && crate::forwarding::is_plainly_canonical(path) {
+        // Origin-form and already canonical (most requests): nothing to rebuild.
         return Ok(req.uri().clone());
     }
     let canonical = canonical_path(path).map_err(|e| ("path", format!("wsbeat: {e}")))?;

@@ -10,8 +10,6 @@ use hyper::upgrade::Upgraded;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::handshake::client::generate_key;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::compression;
 use crate::config::{Compression, UpstreamConfig};
@@ -104,7 +102,7 @@ fn upstream_request(
     client: &Parts,
     info: ClientInfo,
     upstream: &UpstreamConfig,
-    key: &str,
+    key: &[u8],
     offer: Option<&HeaderValue>,
 ) -> Request<http_body_util::Empty<bytes::Bytes>> {
     let mut req = Request::new(http_body_util::Empty::new());
@@ -121,6 +119,8 @@ fn upstream_request(
         .unwrap_or_else(|_| hyper::Uri::from_static("/"));
 
     let headers = req.headers_mut();
+    // Built once: room for the client's headers and the dozen added below.
+    headers.reserve(client.headers.len() + 12);
     copy_end_to_end(&client.headers, headers);
     headers.remove(header::CONTENT_LENGTH);
     let offered: Vec<&str> =
@@ -142,7 +142,7 @@ fn upstream_request(
         header::SEC_WEBSOCKET_VERSION,
         HeaderValue::from_static("13"),
     );
-    if let Ok(v) = HeaderValue::from_str(key) {
+    if let Ok(v) = HeaderValue::from_bytes(key) {
         headers.insert(header::SEC_WEBSOCKET_KEY, v);
     }
     if let Some(offer) = offer {
@@ -161,16 +161,16 @@ pub async fn dial(
     client: &Parts,
     info: ClientInfo,
 ) -> Result<Dialed, DialError> {
-    let name = upstream.url.to_string();
+    // The upstream's name is formatted only for an error.
     let started = Instant::now();
     match tokio::time::timeout(
         upstream.connect_timeout.0,
-        handshake(upstream, compression, tls, client, info, &name, started),
+        handshake(upstream, compression, tls, client, info, started),
     )
     .await
     {
         Ok(result) => result,
-        Err(_) => Err(DialError::Timeout(name)),
+        Err(_) => Err(DialError::Timeout(upstream.url.to_string())),
     }
 }
 
@@ -180,13 +180,12 @@ async fn handshake(
     tls: Option<&UpstreamTls>,
     client: &Parts,
     info: ClientInfo,
-    name: &str,
     started: Instant,
 ) -> Result<Dialed, DialError> {
     let tcp = TcpStream::connect((upstream.url.host.as_str(), upstream.url.port))
         .await
         .map_err(|source| DialError::Connect {
-            upstream: name.to_owned(),
+            upstream: upstream.url.to_string(),
             source,
         })?;
     // Small frames (heartbeats, chat messages) must not wait for Nagle.
@@ -196,7 +195,7 @@ async fn handshake(
         // plain text to a TLS port would only fail later and less clearly.
         None if upstream.url.secure => {
             return Err(DialError::Tls {
-                upstream: name.to_owned(),
+                upstream: upstream.url.to_string(),
                 source: std::io::Error::other("no TLS settings for this upstream"),
             })
         }
@@ -207,12 +206,12 @@ async fn handshake(
             .await
             .map(|s| tokio_rustls::TlsStream::Client(s).into())
             .map_err(|source| DialError::Tls {
-                upstream: name.to_owned(),
+                upstream: upstream.url.to_string(),
                 source,
             })?,
     };
     let http_err = |source| DialError::Http {
-        upstream: name.to_owned(),
+        upstream: upstream.url.to_string(),
         source,
     };
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -225,7 +224,7 @@ async fn handshake(
         }
     });
 
-    let key = generate_key();
+    let key = crate::wskey::new_key();
     let offer = match compression {
         Compression::Passthrough => compression::offer_upstream(&client.headers),
         Compression::Off => None,
@@ -236,13 +235,13 @@ async fn handshake(
         return Ok(Dialed::Refused(response));
     }
     let invalid = |reason| DialError::Invalid {
-        upstream: name.to_owned(),
+        upstream: upstream.url.to_string(),
         reason,
     };
     let headers = response.headers();
     let accept_ok = headers
         .get(header::SEC_WEBSOCKET_ACCEPT)
-        .is_some_and(|v| v.as_bytes() == derive_accept_key(key.as_bytes()).as_bytes());
+        .is_some_and(|v| v.as_bytes() == crate::wskey::accept(&key));
     if !accept_ok {
         return Err(invalid("wrong or missing Sec-WebSocket-Accept"));
     }
@@ -258,7 +257,8 @@ async fn handshake(
             return Err(invalid("a subprotocol the client did not offer"));
         }
     }
-    let mut forwarded = HeaderMap::new();
+    // With room for the four headers the client's 101 adds.
+    let mut forwarded = HeaderMap::with_capacity(headers.len() + 4);
     copy_end_to_end(headers, &mut forwarded);
     let upgraded = hyper::upgrade::on(&mut response).await.map_err(http_err)?;
     let socket = into_stream(upgraded)
@@ -308,7 +308,7 @@ mod tests {
             &client.headers,
             &[],
         );
-        let req = upstream_request(&client, info, &UpstreamConfig::default(), "k", None);
+        let req = upstream_request(&client, info, &UpstreamConfig::default(), b"k", None);
         let h = req.headers();
         assert_eq!(req.uri(), "/ws/chat?room=1");
         assert_eq!(h["host"], "app.example");
@@ -330,7 +330,7 @@ mod tests {
             &client,
             info,
             &UpstreamConfig::default(),
-            "k",
+            b"k",
             offer.as_ref(),
         );
         assert_eq!(

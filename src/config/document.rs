@@ -71,6 +71,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Prometheus export options.
     pub metrics: MetricsConfig,
+    /// The async runtime (read at start; a change needs a restart).
+    pub runtime: RuntimeConfig,
 }
 
 impl Default for Config {
@@ -93,6 +95,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             shutdown: ShutdownConfig::default(),
             metrics: MetricsConfig::default(),
+            runtime: RuntimeConfig::default(),
         }
     }
 }
@@ -240,8 +243,12 @@ impl Default for HeartbeatConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LivenessConfig {
-    /// How often a protocol PING goes to the client (browsers answer by themselves).
+    /// A protocol PING goes to a client silent this long (browsers answer by
+    /// themselves); with heartbeats on, in the write of the heartbeat that follows.
     pub ping_interval: HumanDuration,
+    /// A client alive by its own frames (never silent for `ping_interval`) is PINGed
+    /// this often, so that its RTT stays measured (`ping_interval` if that is longer).
+    pub rtt_sample_interval: HumanDuration,
     /// Nothing from the client for this long: it is dead; both legs are closed with 1001.
     pub timeout: HumanDuration,
     /// Also PING the upstream this often; it is dead after `timeout` without a frame, and
@@ -253,6 +260,7 @@ impl Default for LivenessConfig {
     fn default() -> Self {
         LivenessConfig {
             ping_interval: HumanDuration::secs(10),
+            rtt_sample_interval: HumanDuration::secs(60),
             timeout: HumanDuration::secs(30),
             upstream_ping_interval: None,
         }
@@ -337,6 +345,24 @@ impl Default for ShutdownConfig {
             drain_timeout: HumanDuration::secs(25),
             close_spread: HumanDuration::secs(0),
         }
+    }
+}
+
+/// The async runtime.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads of the (work-stealing) runtime. `null`: the number of cores the
+    /// process may use.
+    pub workers: Option<usize>,
+}
+
+impl RuntimeConfig {
+    /// Worker threads to start: `workers`, or the cores available.
+    pub fn worker_threads(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
     }
 }
 

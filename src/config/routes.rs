@@ -83,6 +83,8 @@ pub struct LivenessOverride {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ping_interval: Option<HumanDuration>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub rtt_sample_interval: Option<HumanDuration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<HumanDuration>,
     /// `null` turns upstream PINGs off on this route.
     #[serde(
@@ -203,6 +205,9 @@ impl Config {
                 let mut liveness = self.liveness.clone();
                 if let Some(o) = &r.liveness {
                     liveness.ping_interval = o.ping_interval.unwrap_or(liveness.ping_interval);
+                    liveness.rtt_sample_interval = o
+                        .rtt_sample_interval
+                        .unwrap_or(liveness.rtt_sample_interval);
                     liveness.timeout = o.timeout.unwrap_or(liveness.timeout);
                     if let Some(interval) = o.upstream_ping_interval {
                         liveness.upstream_ping_interval = interval;

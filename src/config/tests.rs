@@ -91,6 +91,24 @@ fn bad_values_name_their_key() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("liveness.timeout"), "{e}");
+    let e = parse("runtime:\n  workers: 0\n").unwrap_err().to_string();
+    assert!(e.contains("runtime.workers"), "{e}");
+    assert_eq!(
+        parse("runtime:\n  workers: 3\n")
+            .unwrap()
+            .runtime
+            .worker_threads(),
+        3
+    );
+    assert!(parse("").unwrap().runtime.worker_threads() >= 1);
+    let e = parse("liveness:\n  rtt_sample_interval: 0s\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("liveness.rtt_sample_interval"), "{e}");
+    let e = parse("routes:\n  - path: /a\n    liveness: { rtt_sample_interval: 0s }\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rtt_sample_interval"), "{e}");
     let e = parse("limits:\n  max_message_size: 0\n")
         .unwrap_err()
         .to_string();

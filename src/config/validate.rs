@@ -23,6 +23,14 @@ impl Config {
             &HeartbeatSettings::from_config(&self.heartbeat),
         )?;
         validate_liveness("liveness", &self.liveness)?;
+        if let Some(n) = self.runtime.workers {
+            if !(1..=1024).contains(&n) {
+                return Err(invalid(
+                    "runtime.workers".to_owned(),
+                    format!("({n}) must be 1 to 1024 (null: the number of cores)"),
+                ));
+            }
+        }
         validate_origins("allowed_origins", &self.allowed_origins)?;
         if let Some(path) = &self.client_script {
             if !path.starts_with('/')
@@ -248,6 +256,12 @@ fn validate_liveness(key: &str, l: &LivenessConfig) -> Result<(), ConfigError> {
                 "({}) must be longer than ping_interval ({}), or live clients are cut before they can answer a PING",
                 l.timeout, l.ping_interval
             ),
+        ));
+    }
+    if l.rtt_sample_interval.0 < Duration::from_millis(1) {
+        return Err(invalid(
+            format!("{key}.rtt_sample_interval"),
+            "must be at least 1ms",
         ));
     }
     if let Some(u) = l.upstream_ping_interval {

@@ -238,3 +238,31 @@ proptest! {
         prop_assert_eq!(messages_of(&forwarded), sent);
     }
 }
+
+/// The byte-at-a-time XOR that [`apply_mask`] must match.
+fn apply_mask_bytewise(data: &mut [u8], mask: [u8; 4], offset: usize) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b ^= mask[(offset + i) & 3];
+    }
+}
+
+proptest! {
+    #[test]
+    fn word_at_a_time_masking_matches_the_bytewise_xor(
+        data in proptest::collection::vec(any::<u8>(), 0..200),
+        mask in any::<[u8; 4]>(),
+        offset in 0usize..64,
+        start in 0usize..9,
+    ) {
+        // `start` shifts the slice against the allocation's alignment.
+        let start = start.min(data.len());
+        let mut fast = data.clone();
+        let mut slow = data.clone();
+        apply_mask(&mut fast[start..], mask, offset);
+        apply_mask_bytewise(&mut slow[start..], mask, offset);
+        prop_assert_eq!(&fast, &slow);
+        // Masking twice gives the data back.
+        apply_mask(&mut fast[start..], mask, offset);
+        prop_assert_eq!(&fast, &data);
+    }
+}

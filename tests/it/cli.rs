@@ -344,3 +344,31 @@ async fn json_logs_a_line_per_closed_websocket_and_readyz_turns_503_on_sigterm()
     let status = wsbeat.exit_status(PATIENCE).await;
     assert!(status.success(), "{status:?}");
 }
+
+/// Worker threads of a running wsbeat, named `wsbeat-worker`. No connection is made, so
+/// no blocking-pool thread (also named so: a DNS lookup runs there) exists.
+fn runtime_workers(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim_end() == "wsbeat-worker")
+        .count()
+}
+
+#[tokio::test]
+async fn runtime_workers_sets_the_worker_threads_and_null_means_one_per_core() {
+    let cores = std::thread::available_parallelism().unwrap().get();
+    for (yaml, want) in [
+        ("runtime: { workers: 1 }\n", 1),
+        ("runtime: { workers: 3 }\n", 3),
+        ("runtime: { workers: null }\n", cores),
+    ] {
+        let config = write_temp_config(&format!(
+            "listen: 127.0.0.1:0\nadmin: {{ listen: null }}\n{yaml}"
+        ));
+        let mut wsbeat = JsonWsbeat::spawn(&["--config", config.path()]);
+        wsbeat.addr("listening");
+        assert_eq!(wsbeat.next("runtime worker threads")["workers"], want, "{yaml}");
+        assert_eq!(runtime_workers(wsbeat.child.id()), want, "{yaml}");
+    }
+}

@@ -368,7 +368,11 @@ async fn runtime_workers_sets_the_worker_threads_and_null_means_one_per_core() {
         ));
         let mut wsbeat = JsonWsbeat::spawn(&["--config", config.path()]);
         wsbeat.addr("listening");
-        assert_eq!(wsbeat.next("runtime worker threads")["workers"], want, "{yaml}");
+        assert_eq!(
+            wsbeat.next("runtime worker threads")["workers"],
+            want,
+            "{yaml}"
+        );
         assert_eq!(runtime_workers(wsbeat.child.id()), want, "{yaml}");
     }
 }

@@ -73,7 +73,8 @@ fn run_suite(url: &str, cases: &[&str]) -> BTreeMap<String, Outcome> {
         .expect("python3 runs");
     assert!(
         out.status.success(),
-        "the Autobahn runner failed (CI installs kosoku: tests/ci-deps.sh):\n{}",
+        "the Autobahn runner failed ({}; CI installs kosoku: tests/ci-deps.sh):\n{}",
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     let mut outcomes = BTreeMap::new();

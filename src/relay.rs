@@ -210,10 +210,7 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     async fn run(mut self: Box<Self>) -> Summary {
-        // A child of the shutdown token, not a clone: the select below polls it on every
-        // wake-up, and polling a token locks its node (and its `Notify`'s waiters). A
-        // clone shares the one node of every connection, locked from every worker.
-        let shutdown = self.ctx.shutdown.child_token().cancelled_owned();
+        let shutdown = self.ctx.shutdown.clone().cancelled_owned();
         tokio::pin!(shutdown);
         let mut armed = self.deadline();
         let timer = tokio::time::sleep_until(armed);

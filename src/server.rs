@@ -322,12 +322,9 @@ impl Proxy {
         tokio::pin!(conn);
         let expired = clock.expired(idle_timeout, handshake_timeout);
         tokio::pin!(expired);
-        // A child token: this select polls it on every wake-up of the connection, and a
-        // clone would lock the one node every connection shares (see `Relay::run`).
-        let shutdown = self.shutdown.child_token();
         let result = tokio::select! {
             r = conn.as_mut() => r,
-            _ = shutdown.cancelled() => {
+            _ = self.shutdown.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }

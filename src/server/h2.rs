@@ -210,11 +210,9 @@ impl Proxy {
         tokio::pin!(conn);
         let expired = clock.expired(idle_timeout, handshake_timeout);
         tokio::pin!(expired);
-        // A child token, polled on every wake-up without locking a shared node.
-        let shutdown = self.shutdown.child_token();
         let result = tokio::select! {
             r = conn.as_mut() => r,
-            _ = shutdown.cancelled() => {
+            _ = self.shutdown.cancelled() => {
                 // GOAWAY: no new stream; the WebSockets under way get their 1001 from
                 // their relays, and the connection ends with its last stream.
                 conn.as_mut().graceful_shutdown();

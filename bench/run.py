@@ -452,6 +452,26 @@ def wait_settled(proc: subprocess.Popen, want: int) -> list[int]:
     return pids
 
 
+def start_attached(template: str, pids: list[int], d: Path) -> subprocess.Popen:
+    """`BENCH_ATTACH`, e.g. `perf stat -e context-switches -p {pids}` or
+    `strace -c -f -p {pid}` or `perf record -g -o {dir}/perf.data -p {pids}`: run from the
+    generator's start marker to its `done`, then stopped with SIGINT; what it prints goes
+    into the run's record (`attached`)."""
+    argv = template.format(pids=",".join(map(str, pids)), pid=pids[0], dir=d).split()
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def stop_attached(p: subprocess.Popen) -> str:
+    p.send_signal(signal.SIGINT)
+    try:
+        out, _ = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, _ = p.communicate()
+    return out
+
+
 def tail(path: Path, n: int = 15) -> str:
     try:
         lines = path.read_text(errors="replace").splitlines()
@@ -482,7 +502,7 @@ def run_one(ctx: Ctx, sc: Scenario, target: str, rnd: int) -> dict:
     d = ctx.tmp / f"r{rnd}-{sc.key}-{target}"
     d.mkdir(parents=True)
     rec: dict[str, Any] = {"round": rnd, "scenario": sc.key, "target": target, "ok": False}
-    echo = tgt = gen = None
+    echo = tgt = gen = attach = None
     try:
         # Fresh backend: 64 KiB reads when the messages are large, 4 KiB otherwise.
         read_buf = 65536 if sc.size > 4096 else 4096
@@ -564,6 +584,8 @@ def run_one(ctx: Ctx, sc: Scenario, target: str, rnd: int) -> dict:
         pids_all = {"proxy": proxy_pids, "backend": echo_pids, "generator": [gen.pid]}
         deadline = time.monotonic() + budget
         marks: dict[str, dict] = {}
+        # BENCH_ATTACH: a profiler attached to the proxy for the measured window only.
+        attach_cmd = os.environ.get("BENCH_ATTACH")
         while time.monotonic() < deadline:
             try:
                 s = lines.get(timeout=max(0.05, deadline - time.monotonic()))
@@ -573,6 +595,11 @@ def run_one(ctx: Ctx, sc: Scenario, target: str, rnd: int) -> dict:
                 break
             word = s.split(" ", 1)[0]
             if word in (start_marker, "done") and word not in marks:
+                if word == start_marker and attach_cmd:
+                    attach = start_attached(attach_cmd, proxy_pids, d)
+                if word == "done" and attach is not None:
+                    rec["attached"] = stop_attached(attach)
+                    attach = None
                 marks[word] = {
                     "t": time.monotonic(),
                     "cpu": {k: cpu_seconds(v) for k, v in pids_all.items()},
@@ -666,6 +693,8 @@ def run_one(ctx: Ctx, sc: Scenario, target: str, rnd: int) -> dict:
             if t:
                 rec.setdefault("logs", {})[name] = t
     finally:
+        if attach is not None:
+            stop_attached(attach)
         for p in (gen, tgt, echo):
             if p is not None:
                 ctx.kids.stop(p)

@@ -1,10 +1,10 @@
 //! Plain HTTP pass-through: a request that is not a WebSocket upgrade goes to its route's
-//! upstream through a pooled client, bodies streamed both ways.
+//! upstream over a pooled keep-alive connection, bodies streamed both ways.
 
+mod local;
 mod retry;
 
 use std::collections::HashMap;
-use std::error::Error as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, PoisonError};
@@ -13,16 +13,16 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::header;
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use prometheus::{IntCounter, IntCounterVec};
 use tokio::net::TcpStream;
 
+use self::local::LocalPool;
+pub use self::local::UpstreamBody;
 pub use self::retry::UpstreamIo;
-use self::retry::{
-    failed_on_stale_connection, may_retry, returned_unsent, unless_lost, ClientBody, Lost,
-};
+use self::retry::{may_retry, ClientBody};
 
 use crate::config::{Route, Routes, UpstreamConfig};
 use crate::forwarding::{add_forwarding, append_via, copy_end_to_end, ClientInfo};
@@ -40,14 +40,19 @@ pub struct Passthrough {
 struct RouteClient {
     /// What they were made for: a reload keeps them while this is unchanged.
     upstream: UpstreamConfig,
-    /// Pooled: keep-alive connections, idle at most `upstream.pool_idle_timeout`.
-    pooled: Client<UpstreamConnector, ClientBody>,
-    /// Not pooled: every request on a new connection. Retries go here, because the
-    /// pool may hold more connections the backend has closed (Node closes them all
-    /// after the same 5 s).
-    fresh: Client<UpstreamConnector, ClientBody>,
     /// `wsbeat_upstream_retries_total{route}`.
     retries: IntCounter,
+    /// Idle keep-alive connections, at most `upstream.pool_idle_timeout` each. A request
+    /// retried after a stale one goes on a new connection, not on another pooled one
+    /// (the pool may hold more that the backend has closed: Node closes them all after
+    /// the same 5 s).
+    pool: Arc<LocalPool>,
+    connector: UpstreamConnector,
+    /// `http://host:port` or `https://…`, for errors and logs; its two parts, for each
+    /// request's URI (built without formatting and parsing a string per request).
+    origin: String,
+    scheme: Scheme,
+    authority: Authority,
 }
 
 /// Opens connections to one route's upstream: `ws://` → plain TCP, `wss://` → TLS with
@@ -188,29 +193,24 @@ impl Passthrough {
         info: ClientInfo,
         route: &Route,
         drop_trailers: Option<IntCounter>,
-    ) -> Result<Response<Incoming>, ForwardError> {
-        let scheme = if route.upstream.url.secure {
-            "https"
-        } else {
-            "http"
-        };
-        let upstream = format!("{scheme}://{}", route.upstream.url.authority());
+    ) -> Result<Response<UpstreamBody>, ForwardError> {
         // Routes and clients come from one configuration: every route has its client.
         let Some(client) = self.clients.get(&route.name) else {
             return Err(ForwardError::Http {
-                upstream,
+                upstream: route.upstream.url.authority(),
                 reason: format!("no client for route `{}`", route.name),
             });
         };
+        let upstream = client.origin.as_str();
         let exchange = client.send(
-            upstream_request(req, info, &upstream),
+            upstream_request(req, info, &client.scheme, &client.authority),
             route,
-            &upstream,
+            upstream,
             drop_trailers,
         );
         let response = match tokio::time::timeout(route.upstream.request_timeout.0, exchange).await
         {
-            Err(_) => return Err(ForwardError::Timeout(upstream)),
+            Err(_) => return Err(ForwardError::Timeout(upstream.to_owned())),
             Ok(result) => result?,
         };
         let (parts, body) = response.into_parts();
@@ -230,94 +230,178 @@ impl RouteClient {
             connect_timeout: route.upstream.connect_timeout.0,
             tls: tls.get(&route.name).cloned(),
         };
-        let pooled = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(route.upstream.pool_idle_timeout.0)
-            .pool_max_idle_per_host(MAX_IDLE_PER_UPSTREAM)
-            // A request the pool returns unsent is sent again here, on a new connection
-            // (`RouteClient::send`), not on another pooled one.
-            .retry_canceled_requests(false)
-            .build(connector.clone());
-        let fresh = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_max_idle_per_host(0)
-            .build(connector);
+        let (scheme, name) = if route.upstream.url.secure {
+            (Scheme::HTTPS, "https")
+        } else {
+            (Scheme::HTTP, "http")
+        };
+        let origin = format!("{name}://{}", route.upstream.url.authority());
+        // The configuration validated the upstream's host and port.
+        let authority = Authority::try_from(route.upstream.url.authority().as_str())
+            .unwrap_or_else(|_| Authority::from_static("localhost"));
         RouteClient {
             upstream: route.upstream.clone(),
-            pooled,
-            fresh,
             retries: retries.with_label_values(&[&route.name]),
+            pool: LocalPool::new(MAX_IDLE_PER_UPSTREAM, route.upstream.pool_idle_timeout.0),
+            connector,
+            origin,
+            scheme,
+            authority,
         }
     }
 
-    /// One request through the pool, and once more on a new connection if the pooled one
-    /// turned out stale and the request may be repeated, or if the pool gave it back
-    /// unsent.
+    /// One request on a pooled connection (or a new one), and once more on a new
+    /// connection if the pooled one turned out stale and the request may be repeated.
+    ///
+    /// The connection is driven by the task that sends the request (see `local`): no
+    /// task of its own, no hand-off between tasks per request.
     async fn send(
         &self,
         req: Request<Incoming>,
         route: &Route,
         upstream: &str,
         drop_trailers: Option<IntCounter>,
-    ) -> Result<Response<Incoming>, ForwardError> {
-        let (parts, body) = req.into_parts();
+    ) -> Result<Response<UpstreamBody>, ForwardError> {
+        let (mut parts, body) = req.into_parts();
+        // A request without `Host` (HTTP/1.0) gets the upstream's, its port left out
+        // when it is the scheme's default.
+        if !parts.headers.contains_key(header::HOST) {
+            let host = match self.authority.port_u16() {
+                Some(port) if port != self.scheme_port() => self.authority.as_str(),
+                _ => self.authority.host(),
+            };
+            if let Ok(v) = header::HeaderValue::from_str(host) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        // Origin form on the wire.
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = Uri::from(path);
         let (body, slot) = ClientBody::new(body, drop_trailers.clone());
         let again = Request::from_parts(parts.clone(), ());
-        let mut req = Request::from_parts(parts, body);
-        let captured = hyper_util::client::legacy::connect::capture_connection(&mut req);
-        // Why the request may go again, if it may: `unsent` when nothing of it reached
-        // the upstream (sending it again is sending it once); otherwise the connection
-        // was stale and may have had its head, and `may_retry` decides.
-        let (unsent, why) = match unless_lost(self.pooled.request(req), captured).await {
-            Ok(Ok(response)) => return Ok(response),
-            Err(Lost) => (true, "a closing pooled connection lost the request unsent"),
-            Ok(Err(e)) if returned_unsent(&e) => {
-                (true, "a pooled connection closed before taking the request")
+        // An idle connection the backend has closed is seen here, and skipped.
+        let mut up = None;
+        while let Some(mut idle) = self.pool.checkout() {
+            if idle.ready().await {
+                up = Some(idle);
+                break;
             }
-            Ok(Err(e)) if failed_on_stale_connection(&e) => (
-                false,
-                "a reused upstream connection failed before the response",
-            ),
-            Ok(Err(e)) => return Err(classify(e, upstream)),
+        }
+        let (up, reused) = match up {
+            Some(up) => (up, true),
+            None => (self.connect(upstream).await?, false),
         };
+        let usage = up.usage.clone();
+        let e = match up
+            .send(Request::from_parts(parts, body), self.pool.clone())
+            .await
+        {
+            Ok(r) => return Ok(r),
+            Err(e) => e,
+        };
+        let unsent = e.is_canceled();
+        if !reused || !(unsent || usage.stale()) {
+            return Err(ForwardError::Http {
+                upstream: upstream.to_owned(),
+                reason: e.to_string(),
+            });
+        }
         let (sent, body) = slot
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take_back();
         let Some(body) = body.filter(|_| unsent || may_retry(again.method(), sent)) else {
-            tracing::debug!(route = %route.name, method = %again.method(), "{why}; the request cannot be repeated");
+            tracing::debug!(route = %route.name, method = %again.method(), "a reused upstream connection failed before the response; the request cannot be repeated");
             return Err(ForwardError::Http {
                 upstream: upstream.to_owned(),
-                reason: why.to_owned(),
+                reason: "a reused upstream connection failed before the response".to_owned(),
             });
+        };
+        let why = if unsent {
+            "a pooled connection closed before taking the request"
+        } else {
+            "a reused upstream connection failed before the response"
         };
         tracing::debug!(route = %route.name, method = %again.method(), "{why}: sending it on a new connection");
         self.retries.inc();
         let (parts, ()) = again.into_parts();
         let (body, _) = ClientBody::new(body, drop_trailers);
-        self.fresh
-            .request(Request::from_parts(parts, body))
+        let up = self.connect(upstream).await?;
+        up.send(Request::from_parts(parts, body), self.pool.clone())
             .await
-            .map_err(|e| classify(e, upstream))
+            .map_err(|e| ForwardError::Http {
+                upstream: upstream.to_owned(),
+                reason: e.to_string(),
+            })
+    }
+
+    fn scheme_port(&self) -> u16 {
+        if self.scheme == Scheme::HTTPS {
+            443
+        } else {
+            80
+        }
+    }
+
+    /// A new connection to the upstream, its connect and TLS handshake within
+    /// `connect_timeout`.
+    async fn connect(&self, upstream: &str) -> Result<local::Upstream, ForwardError> {
+        use tower_service::Service as _;
+        let io = self
+            .connector
+            .clone()
+            .call(Uri::from_static("/"))
+            .await
+            .map_err(|io| {
+                if io.kind() == std::io::ErrorKind::TimedOut {
+                    ForwardError::Timeout(upstream.to_owned())
+                } else if let Some(tls) = io.get_ref().and_then(|e| e.downcast_ref::<TlsFailed>()) {
+                    ForwardError::Tls {
+                        upstream: upstream.to_owned(),
+                        reason: tls.to_string(),
+                    }
+                } else {
+                    ForwardError::Connect {
+                        upstream: upstream.to_owned(),
+                        reason: io.to_string(),
+                    }
+                }
+            })?;
+        local::Upstream::handshake(io)
+            .await
+            .map_err(|e| ForwardError::Http {
+                upstream: upstream.to_owned(),
+                reason: e.to_string(),
+            })
     }
 }
 
 /// The request the upstream sees: the client's method, origin-form target and body, the
 /// end-to-end headers and `Host` unchanged, `X-Forwarded-*` and `Via` added.
-fn upstream_request(req: Request<Incoming>, info: ClientInfo, upstream: &str) -> Request<Incoming> {
+fn upstream_request(
+    req: Request<Incoming>,
+    info: ClientInfo,
+    scheme: &Scheme,
+    authority: &Authority,
+) -> Request<Incoming> {
     let (parts, body) = req.into_parts();
     // Only the path and query are taken from the client: an absolute-form target
     // (`GET http://elsewhere/`) never chooses where wsbeat connects.
     let target = parts
         .uri
         .path_and_query()
-        .map(|pq| pq.as_str())
-        .filter(|pq| pq.starts_with('/'))
-        .unwrap_or("/");
-    let uri: Uri = format!("{upstream}{target}")
-        .parse()
-        .unwrap_or_else(|_| Uri::from_static("/"));
+        .filter(|pq| pq.as_str().starts_with('/'))
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut uri = hyper::http::uri::Parts::default();
+    uri.scheme = Some(scheme.clone());
+    uri.authority = Some(authority.clone());
+    uri.path_and_query = Some(target);
+    let uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
     let mut out = Request::new(body);
     *out.method_mut() = parts.method;
     *out.version_mut() = Version::HTTP_11;
@@ -330,38 +414,6 @@ fn upstream_request(req: Request<Incoming>, info: ClientInfo, upstream: &str) ->
     add_forwarding(&parts.headers, info, headers);
     append_via(headers);
     out
-}
-
-/// Tells a connect timeout (504) from a refused connect (502) from a broken exchange.
-fn classify(e: hyper_util::client::legacy::Error, upstream: &str) -> ForwardError {
-    let mut source = e.source();
-    let mut reason = e.to_string();
-    while let Some(s) = source {
-        reason = s.to_string();
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return ForwardError::Timeout(upstream.to_owned());
-            }
-            if let Some(tls) = io.get_ref().and_then(|e| e.downcast_ref::<TlsFailed>()) {
-                return ForwardError::Tls {
-                    upstream: upstream.to_owned(),
-                    reason: tls.to_string(),
-                };
-            }
-        }
-        source = s.source();
-    }
-    if e.is_connect() {
-        ForwardError::Connect {
-            upstream: upstream.to_owned(),
-            reason,
-        }
-    } else {
-        ForwardError::Http {
-            upstream: upstream.to_owned(),
-            reason,
-        }
-    }
 }
 
 /// Why a request is refused before it is forwarded; the server renders it (405 with

@@ -6,16 +6,12 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
-use hyper::http::Extensions;
 use hyper::Method;
-use hyper_util::client::legacy::connect::{CaptureConnection, Connected, Connection};
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_util::sync::CancellationToken;
 
 use crate::tls::LegStream;
 
@@ -35,27 +31,25 @@ impl UpstreamIo {
     }
 }
 
-impl Drop for UpstreamIo {
-    fn drop(&mut self) {
-        self.usage.closed.cancel();
+impl UpstreamIo {
+    /// What this connection carries, seen from outside it.
+    pub(super) fn usage(&self) -> Arc<ConnectionUsage> {
+        self.usage.clone()
     }
 }
 
-/// What one upstream connection has carried, shared with the requests sent on it (as a
-/// [`Connected`] extra), so that a request that fails can tell whether the connection
-/// was a reused one and whether any byte of its response had arrived.
+/// What one upstream connection has carried, shared with the requests sent on it, so that
+/// a request that fails can tell whether any byte of its response had arrived.
 ///
 /// HTTP/1.1 without pipelining alternates: a request is written, its response read,
 /// then the next request is written. So the first write after response bytes starts the
 /// next exchange.
 #[derive(Debug, Default)]
-struct ConnectionUsage {
+pub(super) struct ConnectionUsage {
     /// Exchanges begun on this connection, the current one included.
     exchanges: AtomicU32,
     /// Response bytes read in the current exchange.
     read_in_exchange: AtomicU64,
-    /// Fired when the connection is gone (its socket dropped).
-    closed: CancellationToken,
 }
 
 impl ConnectionUsage {
@@ -76,7 +70,7 @@ impl ConnectionUsage {
     /// The connection served an earlier exchange, and nothing of the current response
     /// has arrived: the signature of a connection the backend closed while it sat idle
     /// in the pool.
-    fn stale(&self) -> bool {
+    pub(super) fn stale(&self) -> bool {
         self.exchanges.load(Ordering::Relaxed) >= 2
             && self.read_in_exchange.load(Ordering::Relaxed) == 0
     }
@@ -132,78 +126,6 @@ impl AsyncWrite for UpstreamIo {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
-}
-
-impl Connection for UpstreamIo {
-    fn connected(&self) -> Connected {
-        Connected::new().extra(self.usage.clone())
-    }
-}
-
-/// How long a request may stay unanswered after its connection is gone before it is
-/// taken for lost (see [`unless_lost`]). A request the connection had taken gets its
-/// error as the connection is dropped, at once: this only has to cover scheduling.
-const LOST_AFTER: Duration = Duration::from_secs(1);
-
-/// The request never got to its connection, which is gone: it was not sent.
-#[derive(Debug)]
-pub(super) struct Lost;
-
-/// Runs `attempt`, a request sent through the pool, unless the connection it was given
-/// closes and it stays unanswered for [`LOST_AFTER`]: then it is [`Lost`].
-///
-/// hyper can lose a request queued on a pooled connection whose dispatcher is closing
-/// at that moment (the backend closed it while it sat idle). The request enters the
-/// dispatcher's channel just after the dispatcher drained it on its way out, and its
-/// answer never comes: it would wait for `request_timeout`, and the connection's
-/// descriptor with it. Such a request was never written, so it can go again.
-pub(super) async fn unless_lost<F, T>(
-    attempt: F,
-    mut captured: CaptureConnection,
-) -> Result<T, Lost>
-where
-    F: std::future::Future<Output = T>,
-{
-    let closed = async {
-        let usage = {
-            let connected = captured.wait_for_connection_metadata().await;
-            let mut extras = Extensions::new();
-            if let Some(connected) = connected.as_ref() {
-                connected.get_extras(&mut extras);
-            }
-            extras.get::<Arc<ConnectionUsage>>().cloned()
-        };
-        match usage {
-            Some(usage) => usage.closed.cancelled().await,
-            // No connection (the connect failed): the attempt ends by itself.
-            None => std::future::pending().await,
-        }
-        tokio::time::sleep(LOST_AFTER).await;
-    };
-    tokio::select! {
-        biased;
-        answered = attempt => Ok(answered),
-        () = closed => Err(Lost),
-    }
-}
-
-/// Whether a request came back from the pool unsent: hyper returns a request it never
-/// wrote as "canceled" (its connection closed before taking it).
-pub(super) fn returned_unsent(e: &hyper_util::client::legacy::Error) -> bool {
-    std::error::Error::source(e)
-        .and_then(|s| s.downcast_ref::<hyper::Error>())
-        .is_some_and(hyper::Error::is_canceled)
-}
-
-/// Whether the connection a request failed on was stale (see [`ConnectionUsage::stale`]).
-pub(super) fn failed_on_stale_connection(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut extras = Extensions::new();
-    if let Some(connected) = e.connect_info() {
-        connected.get_extras(&mut extras);
-    }
-    extras
-        .get::<Arc<ConnectionUsage>>()
-        .is_some_and(|usage| usage.stale())
 }
 
 /// The client's request body on its way upstream. It stays in a shared slot until the

@@ -448,3 +448,45 @@ async fn retries_go_to_a_new_connection_and_are_counted() {
     assert_eq!(broken.seen().len(), 1);
     assert_eq!(retries(proxy.admin).await, 0.0);
 }
+
+#[tokio::test]
+async fn an_idle_pooled_connection_is_closed_after_pool_idle_timeout() {
+    const IDLE: Duration = Duration::from_millis(300);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let proxy = Proxy::start(addr, |c| c.upstream.pool_idle_timeout = ms(300)).await;
+    let backend = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut stream = BufReader::new(stream);
+        let (request, _) = read_head(&mut stream).await.expect("a request head");
+        stream
+            .get_mut()
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        let answered = tokio::time::Instant::now();
+        // The connection stays open (keep-alive) until wsbeat's pool lets go of it.
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest))
+            .await
+            .expect("wsbeat closed the idle upstream connection in time");
+        (request, read, answered.elapsed())
+    });
+    let mut client = http_client(proxy.addr).await;
+    let (status, _, body) = exchange(&mut client, get("/once")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
+    let (request, read, idle) = backend.await.unwrap();
+    assert_eq!(request, "GET /once");
+    assert!(
+        matches!(read, Ok(0)),
+        "wsbeat sent more on an idle connection: {read:?}"
+    );
+    assert!(
+        idle >= IDLE,
+        "the idle connection was closed after {idle:?}, before pool_idle_timeout ({IDLE:?})"
+    );
+    // The client's own connection is still open, and the closed upstream connection is
+    // not handed out again: the next request dials (and finds the backend gone).
+    let (status, _, _) = exchange(&mut client, get("/again")).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+}

@@ -76,6 +76,13 @@ pub enum Error {
 
 /// Binds the configured listeners and serves until `shutdown` resolves, then drains.
 /// `config` is what `source` loaded; SIGHUP and changes of its file reload it.
+///
+/// The public listener is served by `runtime.workers` threads, each with a
+/// current-thread runtime and a listener of its own on the same port (`SO_REUSEPORT`:
+/// the kernel spreads new connections over them). A connection, its upstream leg and
+/// their tasks stay on the thread that accepted it: no work stealing, no wake-ups
+/// across threads. The calling runtime keeps the admin listener, the reloads, the
+/// signals and the drain.
 pub async fn run(
     config: Config,
     source: reload::Source,
@@ -86,7 +93,7 @@ pub async fn run(
     let tls = tls::Setup::load(&config)?;
     // Before the TCP cap is derived from it (`limits.max_tcp_connections: null`).
     server::raise_open_file_limit();
-    let listener = bind(config.listen).await?;
+    let listeners = bind_per_worker(config.listen, config.runtime.worker_threads())?;
     let admin = match config.admin.listen {
         Some(addr) => Some(bind(addr).await?),
         None => None,
@@ -94,13 +101,49 @@ pub async fn run(
     serve_reloading(
         Arc::new(config),
         tls,
-        listener,
+        Listeners::PerWorker(listeners),
         admin,
         Some(source),
         shutdown,
     )
     .await;
     Ok(())
+}
+
+/// `workers` listeners on `addr`, all with `SO_REUSEPORT`: the first binds `addr` (port
+/// 0: one the kernel picks), the others the port the first got.
+fn bind_per_worker(addr: SocketAddr, workers: usize) -> Result<Vec<std::net::TcpListener>, Error> {
+    let first = bind_reuseport(addr)?;
+    let addr = first
+        .local_addr()
+        .map_err(|source| Error::Bind { addr, source })?;
+    let mut listeners = vec![first];
+    // Without `SO_REUSEPORT` a second listener cannot share the port: one for all.
+    let workers = if cfg!(unix) { workers } else { 1 };
+    while listeners.len() < workers {
+        listeners.push(bind_reuseport(addr)?);
+    }
+    Ok(listeners)
+}
+
+/// A listener on `addr` that others can share (`SO_REUSEPORT`), in non-blocking mode,
+/// registered with no runtime yet: the worker that serves it does.
+fn bind_reuseport(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
+    let bind = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As `TcpListener::bind`: a restart binds while old connections are in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        #[cfg(unix)]
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        // The backlog `TcpListener::bind` uses.
+        socket.listen(1024)?.into_std()
+    };
+    bind().map_err(|source| Error::Bind { addr, source })
 }
 
 /// Binds a TCP listener, naming the address on failure.
@@ -122,24 +165,105 @@ pub async fn serve(
     admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) {
-    serve_reloading(config, tls, listener, admin, None, shutdown).await
+    serve_reloading(
+        config,
+        tls,
+        Listeners::Here(listener),
+        admin,
+        None,
+        shutdown,
+    )
+    .await
 }
+
+/// Where the public listener's connections are accepted and served.
+enum Listeners {
+    /// One listener, its accept loop on the calling runtime ([`serve`]).
+    Here(TcpListener),
+    /// One listener per worker thread ([`run`]).
+    PerWorker(Vec<std::net::TcpListener>),
+}
+
+impl Listeners {
+    fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Listeners::Here(listener) => listener.local_addr().ok(),
+            Listeners::PerWorker(listeners) => listeners.first()?.local_addr().ok(),
+        }
+    }
+
+    /// The threads that run connections.
+    fn workers(&self) -> usize {
+        match self {
+            Listeners::Here(_) => tokio::runtime::Handle::current().metrics().num_workers(),
+            Listeners::PerWorker(listeners) => listeners.len(),
+        }
+    }
+}
+
+/// Starts a worker thread: a current-thread runtime that accepts on `listener` until
+/// `stop`, then runs the connections it accepted until `done`. The returned receiver
+/// resolves once its listener is closed (or the worker could not start).
+fn start_worker(
+    proxy: Arc<server::Proxy>,
+    listener: std::net::TcpListener,
+    stop: CancellationToken,
+    done: CancellationToken,
+) -> tokio::sync::oneshot::Receiver<()> {
+    let (closed, listener_closed) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name(WORKER_THREAD.to_owned())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .thread_name(WORKER_THREAD)
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start a worker's runtime: its listener is closed");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => tokio::select! {
+                        _ = proxy.serve(listener) => {}
+                        _ = stop.cancelled() => {}
+                    },
+                    Err(e) => {
+                        tracing::error!(error = %e, "a worker cannot use its listener: closed");
+                    }
+                }
+                // The listener is closed (dropped with the loop that owned it).
+                let _ = closed.send(());
+                // Its connections live on this runtime: it runs them through the drain.
+                done.cancelled().await;
+            });
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start a worker thread: its listener is closed");
+    }
+    listener_closed
+}
+
+/// The name of the threads that run connections.
+const WORKER_THREAD: &str = "wsbeat-worker";
 
 /// [`serve`], reloading the configuration from `source` when there is one.
 async fn serve_reloading(
     config: Arc<Config>,
     mut tls: tls::Setup,
-    listener: TcpListener,
+    listeners: Listeners,
     admin: Option<TcpListener>,
     source: Option<reload::Source>,
     shutdown: impl Future<Output = ()>,
 ) {
-    if let Ok(addr) = listener.local_addr() {
+    if let Some(addr) = listeners.local_addr() {
         tracing::info!(%addr, "listening");
     }
     // `runtime.workers`, or the cores available: after the line above, which scripts read.
-    let workers = tokio::runtime::Handle::current().metrics().num_workers();
-    tracing::info!(workers, "runtime worker threads");
+    tracing::info!(workers = listeners.workers(), "runtime worker threads");
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
     let metrics = metrics::Metrics::new(&config.routes(), config.metrics.per_connection);
@@ -162,9 +286,26 @@ async fn serve_reloading(
         tracker.clone(),
     ));
     let reloading = reload::Reloading::start(source, proxy.clone(), metrics, certificates);
-    tokio::select! {
-        _ = proxy.clone().serve(listener) => {}
-        _ = shutdown => {}
+    // The worker threads run until this returns (their connections through the drain).
+    let done = CancellationToken::new();
+    let _done = done.clone().drop_guard();
+    match listeners {
+        Listeners::Here(listener) => tokio::select! {
+            _ = proxy.clone().serve(listener) => {}
+            _ = shutdown => {}
+        },
+        Listeners::PerWorker(listeners) => {
+            let stop = CancellationToken::new();
+            let closed: Vec<_> = listeners
+                .into_iter()
+                .map(|listener| start_worker(proxy.clone(), listener, stop.clone(), done.clone()))
+                .collect();
+            shutdown.await;
+            stop.cancel();
+            for listener_closed in closed {
+                let _ = listener_closed.await;
+            }
+        }
     }
     ready.store(false, Ordering::Relaxed);
     // Before the token fires: each relay takes its turn from this as it is told.
@@ -174,7 +315,7 @@ async fn serve_reloading(
     drop(reloading);
     // The configuration in use now, reloaded or not.
     let drain_timeout = proxy.runtime().config.shutdown.drain_timeout.0;
-    // The listener is dropped here: no new connections.
+    // The listeners are closed here: no new connections.
     tracing::info!(connections = tracker.len(), "draining");
     if shutdown::drain(&token, &tracker, drain_timeout).await {
         tracing::info!("drained: exiting");

@@ -192,24 +192,32 @@ impl Listeners {
         }
     }
 
-    /// The threads that run connections.
-    fn workers(&self) -> usize {
+    /// The threads that run connections, when they already run: the calling runtime's.
+    fn running_workers(&self) -> Option<usize> {
         match self {
-            Listeners::Here(_) => tokio::runtime::Handle::current().metrics().num_workers(),
-            Listeners::PerWorker(listeners) => listeners.len(),
+            Listeners::Here(_) => Some(tokio::runtime::Handle::current().metrics().num_workers()),
+            Listeners::PerWorker(_) => None,
         }
     }
 }
 
+/// A worker thread as [`start_worker`] started it.
+struct Worker {
+    /// Resolves (`Ok`) once its runtime runs; `Err` when it could not start.
+    started: tokio::sync::oneshot::Receiver<()>,
+    /// Resolves once its listener is closed (or it could not start).
+    listener_closed: tokio::sync::oneshot::Receiver<()>,
+}
+
 /// Starts a worker thread: a current-thread runtime that accepts on `listener` until
-/// `stop`, then runs the connections it accepted until `done`. The returned receiver
-/// resolves once its listener is closed (or the worker could not start).
+/// `stop`, then runs the connections it accepted until `done`.
 fn start_worker(
     proxy: Arc<server::Proxy>,
     listener: std::net::TcpListener,
     stop: CancellationToken,
     done: CancellationToken,
-) -> tokio::sync::oneshot::Receiver<()> {
+) -> Worker {
+    let (running, started) = tokio::sync::oneshot::channel();
     let (closed, listener_closed) = tokio::sync::oneshot::channel();
     let spawned = std::thread::Builder::new()
         .name(WORKER_THREAD.to_owned())
@@ -225,6 +233,7 @@ fn start_worker(
                     return;
                 }
             };
+            let _ = running.send(());
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
                     Ok(listener) => tokio::select! {
@@ -244,7 +253,10 @@ fn start_worker(
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start a worker thread: its listener is closed");
     }
-    listener_closed
+    Worker {
+        started,
+        listener_closed,
+    }
 }
 
 /// The name of the threads that run connections.
@@ -263,7 +275,9 @@ async fn serve_reloading(
         tracing::info!(%addr, "listening");
     }
     // `runtime.workers`, or the cores available: after the line above, which scripts read.
-    tracing::info!(workers = listeners.workers(), "runtime worker threads");
+    if let Some(workers) = listeners.running_workers() {
+        tracing::info!(workers, "runtime worker threads");
+    }
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
     let metrics = metrics::Metrics::new(&config.routes(), config.metrics.per_connection);
@@ -296,10 +310,18 @@ async fn serve_reloading(
         },
         Listeners::PerWorker(listeners) => {
             let stop = CancellationToken::new();
-            let closed: Vec<_> = listeners
+            let workers: Vec<_> = listeners
                 .into_iter()
                 .map(|listener| start_worker(proxy.clone(), listener, stop.clone(), done.clone()))
                 .collect();
+            let mut running = 0;
+            let mut closed = Vec::with_capacity(workers.len());
+            for worker in workers {
+                running += usize::from(worker.started.await.is_ok());
+                closed.push(worker.listener_closed);
+            }
+            // Once they run: a script that reads it finds the threads.
+            tracing::info!(workers = running, "runtime worker threads");
             shutdown.await;
             stop.cancel();
             for listener_closed in closed {

@@ -62,9 +62,8 @@ async fn next_head(heads: &mut mpsc::UnboundedReceiver<String>) -> String {
         .expect("the upstream is running")
 }
 
-/// TCP ports that process `pid` listens on, each once (a worker thread has a listener of
-/// its own on the public port): its socket inodes (/proc/PID/fd) matched against the
-/// LISTEN entries of /proc/PID/net/tcp{,6}.
+/// TCP ports that process `pid` listens on: its socket inodes (/proc/PID/fd) matched
+/// against the LISTEN entries of /proc/PID/net/tcp{,6}.
 fn listening_ports(pid: u32) -> Vec<u16> {
     let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("the process is running")
@@ -87,7 +86,6 @@ fn listening_ports(pid: u32) -> Vec<u16> {
         }
     }
     ports.sort_unstable();
-    ports.dedup();
     ports
 }
 

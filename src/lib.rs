@@ -78,11 +78,11 @@ pub enum Error {
 /// `config` is what `source` loaded; SIGHUP and changes of its file reload it.
 ///
 /// The public listener is served by `runtime.workers` threads, each with a
-/// current-thread runtime and a listener of its own on the same port (`SO_REUSEPORT`:
-/// the kernel spreads new connections over them). A connection, its upstream leg and
-/// their tasks stay on the thread that accepted it: no work stealing, no wake-ups
-/// across threads. The calling runtime keeps the admin listener, the reloads, the
-/// signals and the drain.
+/// current-thread runtime that waits on the listening socket in its own epoll: the
+/// first one free takes the next connection. A connection, its upstream leg and their
+/// tasks stay on the thread that accepted it: no work stealing, no wake-ups across
+/// threads. The calling runtime keeps the admin listener, the reloads, the signals and
+/// the drain.
 pub async fn run(
     config: Config,
     source: reload::Source,
@@ -93,7 +93,7 @@ pub async fn run(
     let tls = tls::Setup::load(&config)?;
     // Before the TCP cap is derived from it (`limits.max_tcp_connections: null`).
     server::raise_open_file_limit();
-    let listeners = bind_per_worker(config.listen, config.runtime.worker_threads())?;
+    let listeners = bind_per_worker(config.listen, config.runtime.worker_threads()).await?;
     let admin = match config.admin.listen {
         Some(addr) => Some(bind(addr).await?),
         None => None,
@@ -110,40 +110,26 @@ pub async fn run(
     Ok(())
 }
 
-/// `workers` listeners on `addr`, all with `SO_REUSEPORT`: the first binds `addr` (port
-/// 0: one the kernel picks), the others the port the first got.
-fn bind_per_worker(addr: SocketAddr, workers: usize) -> Result<Vec<std::net::TcpListener>, Error> {
-    let first = bind_reuseport(addr)?;
-    let addr = first
-        .local_addr()
+/// `workers` handles on one listening socket bound to `addr` (duplicated descriptors,
+/// non-blocking, registered with no runtime yet): each worker waits on it in its own
+/// epoll, and the first one free to accept a connection takes it.
+async fn bind_per_worker(
+    addr: SocketAddr,
+    workers: usize,
+) -> Result<Vec<std::net::TcpListener>, Error> {
+    let first = bind(addr)
+        .await?
+        .into_std()
         .map_err(|source| Error::Bind { addr, source })?;
-    let mut listeners = vec![first];
-    // Without `SO_REUSEPORT` a second listener cannot share the port: one for all.
-    let workers = if cfg!(unix) { workers } else { 1 };
-    while listeners.len() < workers {
-        listeners.push(bind_reuseport(addr)?);
+    let mut listeners = Vec::with_capacity(workers);
+    while listeners.len() + 1 < workers {
+        let handle = first
+            .try_clone()
+            .map_err(|source| Error::Bind { addr, source })?;
+        listeners.push(handle);
     }
+    listeners.push(first);
     Ok(listeners)
-}
-
-/// A listener on `addr` that others can share (`SO_REUSEPORT`), in non-blocking mode,
-/// registered with no runtime yet: the worker that serves it does.
-fn bind_reuseport(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
-    let bind = || {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        // As `TcpListener::bind`: a restart binds while old connections are in TIME_WAIT.
-        socket.set_reuseaddr(true)?;
-        #[cfg(unix)]
-        socket.set_reuseport(true)?;
-        socket.bind(addr)?;
-        // The backlog `TcpListener::bind` uses.
-        socket.listen(1024)?.into_std()
-    };
-    bind().map_err(|source| Error::Bind { addr, source })
 }
 
 /// Binds a TCP listener, naming the address on failure.
@@ -180,7 +166,7 @@ pub async fn serve(
 enum Listeners {
     /// One listener, its accept loop on the calling runtime ([`serve`]).
     Here(TcpListener),
-    /// One listener per worker thread ([`run`]).
+    /// One handle on the listening socket per worker thread ([`run`]).
     PerWorker(Vec<std::net::TcpListener>),
 }
 
@@ -205,7 +191,7 @@ impl Listeners {
 struct Worker {
     /// Resolves (`Ok`) once its runtime runs; `Err` when it could not start.
     started: tokio::sync::oneshot::Receiver<()>,
-    /// Resolves once its listener is closed (or it could not start).
+    /// Resolves once it has dropped its handle on the listener (or could not start).
     listener_closed: tokio::sync::oneshot::Receiver<()>,
 }
 
@@ -229,7 +215,7 @@ fn start_worker(
             {
                 Ok(runtime) => runtime,
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot start a worker's runtime: its listener is closed");
+                    tracing::error!(error = %e, "cannot start a worker's runtime: the others accept without it");
                     return;
                 }
             };
@@ -241,17 +227,17 @@ fn start_worker(
                         _ = stop.cancelled() => {}
                     },
                     Err(e) => {
-                        tracing::error!(error = %e, "a worker cannot use its listener: closed");
+                        tracing::error!(error = %e, "a worker cannot use the listener: the others accept without it");
                     }
                 }
-                // The listener is closed (dropped with the loop that owned it).
+                // Its handle on the listener is dropped with the loop that owned it.
                 let _ = closed.send(());
                 // Its connections live on this runtime: it runs them through the drain.
                 done.cancelled().await;
             });
         });
     if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start a worker thread: its listener is closed");
+        tracing::error!(error = %e, "cannot start a worker thread: the others accept without it");
     }
     Worker {
         started,

@@ -194,23 +194,8 @@ impl Proxy {
     /// Accepts connections until the shutdown token fires.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
-            let accepted = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                accepted = listener.accept() => accepted,
-            };
-            let (stream, addr) = match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-                    continue;
-                }
-            };
-            // At `max_tcp_connections` the connection just accepted waits for a place,
-            // and this loop accepts nothing more until it has one: new connections wait
-            // in the kernel's backlog, never accepted and reset. Accepted first: with a
-            // listener per worker, a loop holding a place while its own listener is
-            // quiet would keep it from a connection waiting on another's.
+            // At `max_tcp_connections` nothing is accepted until a connection closes:
+            // new ones wait in the kernel's backlog, never accepted and reset.
             let slot = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 slot = self.tcp_slots.permits.clone().acquire_owned() => match slot {
@@ -218,9 +203,22 @@ impl Proxy {
                     Err(_) => return, // the semaphore is never closed
                 },
             };
-            let proxy = self.clone();
-            self.tracker
-                .spawn(async move { proxy.serve_connection(stream, addr, Arc::new(slot)).await });
+            let accepted = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, addr)) => {
+                    let proxy = self.clone();
+                    self.tracker.spawn(async move {
+                        proxy.serve_connection(stream, addr, Arc::new(slot)).await
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                }
+            }
         }
     }
 

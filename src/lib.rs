@@ -76,6 +76,13 @@ pub enum Error {
 
 /// Binds the configured listeners and serves until `shutdown` resolves, then drains.
 /// `config` is what `source` loaded; SIGHUP and changes of its file reload it.
+///
+/// The public listener is served by `runtime.workers` threads, each with a
+/// current-thread runtime that waits on the listening socket in its own epoll: the
+/// first one free takes the next connection. A connection, its upstream leg and their
+/// tasks stay on the thread that accepted it: no work stealing, no wake-ups across
+/// threads. The calling runtime keeps the admin listener, the reloads, the signals and
+/// the drain.
 pub async fn run(
     config: Config,
     source: reload::Source,
@@ -86,7 +93,7 @@ pub async fn run(
     let tls = tls::Setup::load(&config)?;
     // Before the TCP cap is derived from it (`limits.max_tcp_connections: null`).
     server::raise_open_file_limit();
-    let listener = bind(config.listen).await?;
+    let listeners = bind_per_worker(config.listen, config.runtime.worker_threads()).await?;
     let admin = match config.admin.listen {
         Some(addr) => Some(bind(addr).await?),
         None => None,
@@ -94,13 +101,35 @@ pub async fn run(
     serve_reloading(
         Arc::new(config),
         tls,
-        listener,
+        Listeners::PerWorker(listeners),
         admin,
         Some(source),
         shutdown,
     )
     .await;
     Ok(())
+}
+
+/// `workers` handles on one listening socket bound to `addr` (duplicated descriptors,
+/// non-blocking, registered with no runtime yet): each worker waits on it in its own
+/// epoll, and the first one free to accept a connection takes it.
+async fn bind_per_worker(
+    addr: SocketAddr,
+    workers: usize,
+) -> Result<Vec<std::net::TcpListener>, Error> {
+    let first = bind(addr)
+        .await?
+        .into_std()
+        .map_err(|source| Error::Bind { addr, source })?;
+    let mut listeners = Vec::with_capacity(workers);
+    while listeners.len() + 1 < workers {
+        let handle = first
+            .try_clone()
+            .map_err(|source| Error::Bind { addr, source })?;
+        listeners.push(handle);
+    }
+    listeners.push(first);
+    Ok(listeners)
 }
 
 /// Binds a TCP listener, naming the address on failure.
@@ -122,24 +151,119 @@ pub async fn serve(
     admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) {
-    serve_reloading(config, tls, listener, admin, None, shutdown).await
+    serve_reloading(
+        config,
+        tls,
+        Listeners::Here(listener),
+        admin,
+        None,
+        shutdown,
+    )
+    .await
 }
+
+/// Where the public listener's connections are accepted and served.
+enum Listeners {
+    /// One listener, its accept loop on the calling runtime ([`serve`]).
+    Here(TcpListener),
+    /// One handle on the listening socket per worker thread ([`run`]).
+    PerWorker(Vec<std::net::TcpListener>),
+}
+
+impl Listeners {
+    fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Listeners::Here(listener) => listener.local_addr().ok(),
+            Listeners::PerWorker(listeners) => listeners.first()?.local_addr().ok(),
+        }
+    }
+
+    /// The threads that run connections, when they already run: the calling runtime's.
+    fn running_workers(&self) -> Option<usize> {
+        match self {
+            Listeners::Here(_) => Some(tokio::runtime::Handle::current().metrics().num_workers()),
+            Listeners::PerWorker(_) => None,
+        }
+    }
+}
+
+/// A worker thread as [`start_worker`] started it.
+struct Worker {
+    /// Resolves (`Ok`) once its runtime runs; `Err` when it could not start.
+    started: tokio::sync::oneshot::Receiver<()>,
+    /// Resolves once it has dropped its handle on the listener (or could not start).
+    listener_closed: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// Starts a worker thread: a current-thread runtime that accepts on `listener` until
+/// `stop`, then runs the connections it accepted until `done`.
+fn start_worker(
+    proxy: Arc<server::Proxy>,
+    listener: std::net::TcpListener,
+    stop: CancellationToken,
+    done: CancellationToken,
+) -> Worker {
+    let (running, started) = tokio::sync::oneshot::channel();
+    let (closed, listener_closed) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name(WORKER_THREAD.to_owned())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .thread_name(WORKER_THREAD)
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start a worker's runtime: the others accept without it");
+                    return;
+                }
+            };
+            let _ = running.send(());
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => tokio::select! {
+                        _ = proxy.serve(listener) => {}
+                        _ = stop.cancelled() => {}
+                    },
+                    Err(e) => {
+                        tracing::error!(error = %e, "a worker cannot use the listener: the others accept without it");
+                    }
+                }
+                // Its handle on the listener is dropped with the loop that owned it.
+                let _ = closed.send(());
+                // Its connections live on this runtime: it runs them through the drain.
+                done.cancelled().await;
+            });
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start a worker thread: the others accept without it");
+    }
+    Worker {
+        started,
+        listener_closed,
+    }
+}
+
+/// The name of the threads that run connections.
+const WORKER_THREAD: &str = "wsbeat-worker";
 
 /// [`serve`], reloading the configuration from `source` when there is one.
 async fn serve_reloading(
     config: Arc<Config>,
     mut tls: tls::Setup,
-    listener: TcpListener,
+    listeners: Listeners,
     admin: Option<TcpListener>,
     source: Option<reload::Source>,
     shutdown: impl Future<Output = ()>,
 ) {
-    if let Ok(addr) = listener.local_addr() {
+    if let Some(addr) = listeners.local_addr() {
         tracing::info!(%addr, "listening");
     }
     // `runtime.workers`, or the cores available: after the line above, which scripts read.
-    let workers = tokio::runtime::Handle::current().metrics().num_workers();
-    tracing::info!(workers, "runtime worker threads");
+    if let Some(workers) = listeners.running_workers() {
+        tracing::info!(workers, "runtime worker threads");
+    }
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
     let metrics = metrics::Metrics::new(&config.routes(), config.metrics.per_connection);
@@ -162,9 +286,34 @@ async fn serve_reloading(
         tracker.clone(),
     ));
     let reloading = reload::Reloading::start(source, proxy.clone(), metrics, certificates);
-    tokio::select! {
-        _ = proxy.clone().serve(listener) => {}
-        _ = shutdown => {}
+    // The worker threads run until this returns (their connections through the drain).
+    let done = CancellationToken::new();
+    let _done = done.clone().drop_guard();
+    match listeners {
+        Listeners::Here(listener) => tokio::select! {
+            _ = proxy.clone().serve(listener) => {}
+            _ = shutdown => {}
+        },
+        Listeners::PerWorker(listeners) => {
+            let stop = CancellationToken::new();
+            let workers: Vec<_> = listeners
+                .into_iter()
+                .map(|listener| start_worker(proxy.clone(), listener, stop.clone(), done.clone()))
+                .collect();
+            let mut running = 0;
+            let mut closed = Vec::with_capacity(workers.len());
+            for worker in workers {
+                running += usize::from(worker.started.await.is_ok());
+                closed.push(worker.listener_closed);
+            }
+            // Once they run: a script that reads it finds the threads.
+            tracing::info!(workers = running, "runtime worker threads");
+            shutdown.await;
+            stop.cancel();
+            for listener_closed in closed {
+                let _ = listener_closed.await;
+            }
+        }
     }
     ready.store(false, Ordering::Relaxed);
     // Before the token fires: each relay takes its turn from this as it is told.
@@ -174,7 +323,7 @@ async fn serve_reloading(
     drop(reloading);
     // The configuration in use now, reloaded or not.
     let drain_timeout = proxy.runtime().config.shutdown.drain_timeout.0;
-    // The listener is dropped here: no new connections.
+    // The listeners are closed here: no new connections.
     tracing::info!(connections = tracker.len(), "draining");
     if shutdown::drain(&token, &tracker, drain_timeout).await {
         tracing::info!("drained: exiting");

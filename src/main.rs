@@ -116,20 +116,20 @@ fn apply_overrides(cli: &Overrides, mut config: Config) -> Result<Config, Config
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // `runtime.workers` sizes the runtime, so the configuration is read once before it
-    // exists (its errors are reported by the real load, inside the runtime, where SIGHUP
-    // can be handled from the start).
-    let workers = match &cli.command {
-        None => source(&cli)
-            .load()
-            .map_or(1, |config| config.runtime.worker_threads()),
-        Some(_) => wsbeat::config::RuntimeConfig::default().worker_threads(),
+    let runtime = match &cli.command {
+        // The proxy's connections run on `runtime.workers` threads of their own, each
+        // with its runtime (`wsbeat::run`); this one keeps the admin listener, the
+        // reloads, the signals and the drain.
+        None => tokio::runtime::Builder::new_current_thread()
+            .thread_name("wsbeat-control")
+            .enable_all()
+            .build(),
+        Some(_) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(wsbeat::config::RuntimeConfig::default().worker_threads())
+            .thread_name("wsbeat-worker")
+            .enable_all()
+            .build(),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name("wsbeat-worker")
-        .enable_all()
-        .build();
     match runtime {
         Ok(runtime) => runtime.block_on(async_main(cli)),
         Err(e) => {

@@ -352,8 +352,8 @@ impl Default for ShutdownConfig {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
-    /// Worker threads of the (work-stealing) runtime. `null`: the number of cores the
-    /// process may use.
+    /// Threads that run connections, each with a current-thread runtime of its own
+    /// accepting on `listen`. `null`: the number of cores the process may use.
     pub workers: Option<usize>,
 }
 

@@ -35,17 +35,7 @@ import http_rps  # noqa: E402  (same directory)
 
 
 def group_pids(pgid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2:].split()[2]) == pgid:
-            pids.append(int(entry))
-    return sorted(pids)
+    return sorted(pid for pid, _ in http_rps.group_stats(pgid))
 
 
 def under_wrk(port: int, seconds: int, connections: int, tool: list[str]) -> tuple[dict, str]:

@@ -138,9 +138,10 @@ def stop(proc: subprocess.Popen) -> None:
             pass
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """utime + stime of every process in the process group `pgid`."""
-    total = 0
+def group_stats(pgid: int) -> list[tuple[int, list[str]]]:
+    """(pid, /proc/PID/stat fields after the command name) of every process in the
+    process group `pgid`."""
+    found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -150,8 +151,14 @@ def group_cpu_seconds(pgid: int) -> float:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
         if int(fields[2]) == pgid:  # field 5, pgrp
-            total += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
-    return total / CLK_TCK
+            found.append((int(entry), fields))
+    return found
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """utime + stime of every process in the process group `pgid`."""
+    # fields 14, 15 of stat: utime, stime
+    return sum(int(f[11]) + int(f[12]) for _, f in group_stats(pgid)) / CLK_TCK
 
 
 def start(target: str, origin: int, d: Path, wsbeat: str) -> tuple[subprocess.Popen | None, int]:

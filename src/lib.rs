@@ -177,14 +177,6 @@ impl Listeners {
             Listeners::PerWorker(listeners) => listeners.first()?.local_addr().ok(),
         }
     }
-
-    /// The threads that run connections, when they already run: the calling runtime's.
-    fn running_workers(&self) -> Option<usize> {
-        match self {
-            Listeners::Here(_) => Some(tokio::runtime::Handle::current().metrics().num_workers()),
-            Listeners::PerWorker(_) => None,
-        }
-    }
 }
 
 /// A worker thread as [`start_worker`] started it.
@@ -260,10 +252,6 @@ async fn serve_reloading(
     if let Some(addr) = listeners.local_addr() {
         tracing::info!(%addr, "listening");
     }
-    // `runtime.workers`, or the cores available: after the line above, which scripts read.
-    if let Some(workers) = listeners.running_workers() {
-        tracing::info!(workers, "runtime worker threads");
-    }
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
     let metrics = metrics::Metrics::new(&config.routes(), config.metrics.per_connection);
@@ -290,10 +278,15 @@ async fn serve_reloading(
     let done = CancellationToken::new();
     let _done = done.clone().drop_guard();
     match listeners {
-        Listeners::Here(listener) => tokio::select! {
-            _ = proxy.clone().serve(listener) => {}
-            _ = shutdown => {}
-        },
+        Listeners::Here(listener) => {
+            // The calling runtime's threads run the connections.
+            let workers = tokio::runtime::Handle::current().metrics().num_workers();
+            tracing::info!(workers, "runtime worker threads");
+            tokio::select! {
+                _ = proxy.clone().serve(listener) => {}
+                _ = shutdown => {}
+            }
+        }
         Listeners::PerWorker(listeners) => {
             let stop = CancellationToken::new();
             let workers: Vec<_> = listeners

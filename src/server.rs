@@ -291,20 +291,7 @@ impl Proxy {
         let clock = IdleClock::new();
         let service = service_fn({
             let clock = clock.clone();
-            move |mut req: Request<Incoming>| {
-                let in_flight = clock.begin_request();
-                // The WebSocket's task takes a clone: the slot is freed when both are done.
-                req.extensions_mut().insert(slot.clone());
-                // Per request: behind a trusted proxy, each request names its own client.
-                let runtime = proxy.runtime.load_full();
-                let info =
-                    ClientInfo::new(addr, tls, req.headers(), &runtime.config.trusted_proxies);
-                let handled = proxy.clone().handle(req, info, runtime);
-                async move {
-                    let response = handled.await?;
-                    Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight).boxed()))
-                }
-            }
+            move |req| proxy.clone().serve_request(req, addr, tls, &slot, &clock)
         });
         let idle_timeout = runtime.config.limits.http_idle_timeout.0;
         drop(runtime);
@@ -371,6 +358,29 @@ impl Proxy {
             .inc();
         tracing::debug!(peer = %addr, error, "client TLS handshake failed");
         None
+    }
+
+    /// One request of a client connection, HTTP/1.1 or an HTTP/2 stream: it holds the
+    /// connection's idle clock until its response body has ended.
+    fn serve_request(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        addr: SocketAddr,
+        tls: bool,
+        slot: &Arc<TcpSlot>,
+        clock: &IdleClock,
+    ) -> impl std::future::Future<Output = Result<Response<Body>, Infallible>> {
+        let in_flight = clock.begin_request();
+        // The WebSocket's task takes a clone: the slot is freed when both are done.
+        req.extensions_mut().insert(slot.clone());
+        // Per request: behind a trusted proxy, each request names its own client.
+        let runtime = self.runtime.load_full();
+        let info = ClientInfo::new(addr, tls, req.headers(), &runtime.config.trusted_proxies);
+        let handled = self.handle(req, info, runtime);
+        async move {
+            let response = handled.await?;
+            Ok(response.map(|body| Tracked::new(body, in_flight).boxed()))
+        }
     }
 
     async fn handle(

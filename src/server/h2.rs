@@ -6,7 +6,6 @@
 //! the handshake's shape differs: `CONNECT` with `:protocol websocket` and no
 //! `Sec-WebSocket-Key`, answered `200`. The upstream leg stays HTTP/1.1.
 
-use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -14,7 +13,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http2;
@@ -24,9 +22,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::idle::{IdleClock, InFlight, Tracked};
+use super::idle::{IdleClock, InFlight};
 use super::{text, Body, Proxy, Runtime, TcpSlot};
-use crate::forwarding::ClientInfo;
 use crate::handshake::MAX_REQUEST_HEAD;
 use crate::tls::LegStream;
 
@@ -172,20 +169,11 @@ impl Proxy {
         let service = service_fn({
             let clock = clock.clone();
             move |mut req: Request<Incoming>| {
-                let in_flight = clock.begin_request();
-                req.extensions_mut().insert(slot.clone());
                 req.extensions_mut().insert(OnStream {
                     _in_flight: Arc::new(clock.begin_request()),
                 });
                 host_from_authority(&mut req);
-                let runtime = proxy.runtime.load_full();
-                let info =
-                    ClientInfo::new(addr, tls, req.headers(), &runtime.config.trusted_proxies);
-                let handled = proxy.clone().handle(req, info, runtime);
-                async move {
-                    let response = handled.await?;
-                    Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight).boxed()))
-                }
+                proxy.clone().serve_request(req, addr, tls, &slot, &clock)
             }
         });
         let config = &runtime.config;

@@ -65,7 +65,9 @@ fn ci_compression_cases() -> Vec<String> {
 /// Runs `cases` against `url` and returns the outcome of each, by case id.
 fn run_suite(url: &str, cases: &[&str]) -> BTreeMap<String, Outcome> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/autobahn.py");
+    // -X faulthandler: a runner that dies of a signal prints where it was.
     let out = Command::new("python3")
+        .args(["-X", "faulthandler"])
         .arg(script)
         .arg(url)
         .args(cases)
